@@ -1,0 +1,1 @@
+"""targetcli shell extension with an /encryption tree (built in a later issue)."""
