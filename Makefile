@@ -1,0 +1,43 @@
+# evlu-gateway — the two commands of the README:
+#   make run    the main job (for now: the native eVLU demo)
+#   make test   install what the tests need (idempotent) and run them all
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux
+
+.PHONY: run test deps system-deps bench clean
+
+run: deps
+	$(PY) -m gateway.demo
+
+test: deps
+	$(PY) -m pytest
+
+bench: deps
+	$(PY) bench/xts.py
+
+deps: system-deps $(STAMP)
+
+# Debian packages, installed only when something is missing (root on Debian 12).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@command -v cryptsetup >/dev/null || { echo "cryptsetup not found after install" >&2; exit 1; }
+
+# The venv is rebuilt when the dependency declarations change.
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis demo

@@ -1,0 +1,1 @@
+"""The ``evlu`` command line."""
