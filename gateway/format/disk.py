@@ -149,25 +149,44 @@ def _other_salt(salt: bytes) -> bytes:
     return bytes(b ^ 0xFF for b in salt)
 
 
-def _write_copy(dev: Device, header: Header, primary: bool, json_area: bytes) -> None:
+def _packed(header: Header, primary: bool, json_area: bytes) -> tuple[int, bytes]:
     offset = 0 if primary else header.hdr_size
     bh = binary.BinaryHeader(primary=primary, hdr_size=header.hdr_size, seqid=header.seqid,
                              label=header.label, uuid=header.uuid, subsystem=header.subsystem,
                              salt=header.salts[0 if primary else 1], hdr_offset=offset)
-    dev.pwrite(bh.pack_without_checksum(), offset)
+    return offset, bh.pack(json_area)
+
+
+def _write_copy(dev: Device, header: Header, primary: bool, json_area: bytes) -> None:
+    offset, packed = _packed(header, primary, json_area)
+    dev.pwrite(packed[:binary.BINARY_SIZE].replace(packed[448:512], bytes(64), 1), offset)
     dev.pwrite(json_area, offset + binary.BINARY_SIZE)
-    dev.pwrite(bh.pack(json_area)[:binary.BINARY_SIZE], offset)
+    dev.pwrite(packed[:binary.BINARY_SIZE], offset)
     dev.flush()
 
 
-def write(dev: Device, header: Header) -> Header:
-    """Commit ``header`` (its seqid is incremented) to both copies, primary first."""
+def write(dev: Device, header: Header, *, fresh: bool = False) -> Header:
+    """Commit ``header`` (its seqid is incremented) to both copies, primary first.
+
+    ``fresh``: the device has no LUKS signature yet (a new eVLU).  Both copies
+    are then written whole but without their magic, and the magics last
+    (primary first), so a crash leaves either no signature or a valid header.
+    """
     new = replace(header, seqid=header.seqid + 1)
     json_area = new.metadata.encode()
     if dev.size < 2 * new.hdr_size:
         raise FormatError("device too small for the LUKS2 header")
-    _write_copy(dev, new, True, json_area)
-    _write_copy(dev, new, False, json_area)
+    if not fresh:
+        _write_copy(dev, new, True, json_area)
+        _write_copy(dev, new, False, json_area)
+        return new
+    copies = [_packed(new, primary, json_area) for primary in (True, False)]
+    for offset, packed in copies:
+        dev.pwrite(bytes(6) + packed[6:], offset)
+    dev.flush()
+    for offset, packed in copies:
+        dev.pwrite(packed[:6], offset)
+        dev.flush()
     return new
 
 

@@ -98,7 +98,7 @@ def create(dev: Device, kek: bytes, binding: Binding, *, sector_size: int = 512,
     header = Header(hdr_size=HDR_SIZE, seqid=0, uuid=str(uuidlib.uuid4()), label=label,
                     subsystem=SUBSYSTEM, salts=(salt, bytes(b ^ 0xFF for b in salt)),
                     metadata=Metadata(obj, HDR_SIZE))
-    return disk.write(dev, header), dek
+    return disk.write(dev, header, fresh=True), dek
 
 
 def _token_json(keyslot_id: int, binding: Binding) -> dict:
