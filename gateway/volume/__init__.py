@@ -3,8 +3,8 @@
 from .keys import KeySource
 from .state import (DataProtectError, LbaOutOfRangeError, NotReadyError, OperationRefusedError,
                     State, Transition, VolumeError, VolumeIOError)
-from .volume import Volume
+from .volume import Volume, wipe_data_area
 
 __all__ = ["DataProtectError", "KeySource", "LbaOutOfRangeError", "NotReadyError",
            "OperationRefusedError", "State", "Transition", "Volume", "VolumeError",
-           "VolumeIOError"]
+           "VolumeIOError", "wipe_data_area"]

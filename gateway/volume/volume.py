@@ -29,7 +29,20 @@ from .state import (DataProtectError, LbaOutOfRangeError, NotReadyError, Operati
                     State, Transition, VolumeError, VolumeIOError)
 
 Listener = Callable[["Volume", Transition], None]
+_WIPE_CHUNK = 1 << 30
 _ENCRYPTED_STATES = (State.WAITING_FOR_KEY, State.ENCRYPTED, State.NO_KEY)
+
+
+def wipe_data_area(backstore: Backstore, data_offset: int,
+                   progress: Callable[[int], None] | None = None) -> None:
+    """Zero everything from ``data_offset`` to the end of the backstore."""
+    size = backstore.size
+    for offset in range(data_offset, size, _WIPE_CHUNK):
+        length = min(_WIPE_CHUNK, size - offset)
+        backstore.write_zeroes(offset, length)
+        if progress is not None:
+            progress(length)
+    backstore.flush()
 
 
 class Volume:
@@ -384,8 +397,12 @@ class Volume:
         return header
 
     def encrypt_on(self, kek: bytes, binding: fmt.Binding, *, sector_size: int = 512,
-                   data_offset: int = fmt.DEFAULT_DATA_OFFSET, force: bool = False) -> None:
-        """Make this plain volume an eVLU.  Existing data becomes unreadable."""
+                   data_offset: int = fmt.DEFAULT_DATA_OFFSET, force: bool = False,
+                   wipe: bool = True) -> None:
+        """Make this plain volume an eVLU.  Existing data becomes unreadable.
+
+        ``wipe`` zeroes the data area (punch hole / BLKZEROOUT where possible), so
+        no old plaintext stays on the medium and the new LUN reads as zeroes."""
         with self._gate.exclusive(), self._lock:
             old = self._state
             if old in _ENCRYPTED_STATES and not force:
@@ -397,6 +414,8 @@ class Volume:
             try:
                 header, dek = fmt.create(self.backstore, kek, binding, sector_size=sector_size,
                                          data_offset=data_offset, force=force)
+                if wipe:
+                    wipe_data_area(self.backstore, data_offset)
             except BackstoreError as exc:
                 raise VolumeIOError(str(exc)) from exc
             self._drop_key()
