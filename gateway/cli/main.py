@@ -22,7 +22,7 @@ from typing import BinaryIO
 from .. import __version__
 from .. import format as fmt
 from ..backstore import Backstore, BackstoreError, open_backstore
-from ..volume import OperationRefusedError, State, Volume, VolumeError
+from ..volume import OperationRefusedError, State, Volume, VolumeError, wipe_data_area
 from .progress import Progress
 from .sizes import parse_size
 
@@ -130,6 +130,11 @@ def cmd_format(args: argparse.Namespace) -> int:
                                  data_offset=args.data_offset, force=args.force, label=args.label)
         dek[:] = bytes(len(dek))
         seg = header.metadata.data_segment
+        if not args.no_wipe:
+            progress = Progress("zeroing the data area", dev.size - seg.offset,
+                                enabled=False if args.quiet else None)
+            wipe_data_area(dev, seg.offset, progress.advance)
+            progress.finish()
         print(f"{args.device}: eVLU created\n  UUID:        {header.uuid}\n"
               f"  key id:      {binding.key_id} (KMS profile {binding.kms})\n"
               f"  sector size: {seg.sector_size}\n  data offset: {seg.offset}\n"
@@ -398,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing LUKS header (destroys what it protects)")
     p.add_argument("--yes", action="store_true", help="do not ask before overwriting data")
+    p.add_argument("--no-wipe", action="store_true",
+                   help="do not zero the data area (old data stays on the medium, unreadable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress meter")
 
     p = add("dump", cmd_dump, "Show the header: copies, segment, keyslots, bindings.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
