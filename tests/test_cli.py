@@ -59,7 +59,7 @@ def test_format_dump_unlock_check(files, capsys):
     assert "key-A" in capsys.readouterr().out
     assert main(["dump", str(files["img"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["bindings"] == [{"token": 0, "keyslot": 0, "key_id": "key-A", "kms": "default"}]
+    assert info["bindings"] == [{"token": 0, "keyslots": [0], "key_id": "key-A", "kms": "default"}]
     assert info["copies"] == {"primary": "ok", "secondary": "ok"}
     assert main(["dump", str(files["img"])]) == 0
     assert "key id key-A" in capsys.readouterr().out

@@ -28,7 +28,7 @@ def test_create_layout_and_round_trip(small_evlu, kek):
     seg = md.data_segment
     assert (seg.offset, seg.sector_size, seg.encryption, seg.size) == \
         (fmt.MIN_DATA_OFFSET, 512, "aes-xts-plain64", None)
-    assert [(t.key_id, t.kms, t.keyslot) for t in md.evlu_tokens()] == [("k1", "default", 0)]
+    assert [(t.key_id, t.kms, t.keyslots) for t in md.evlu_tokens()] == [("k1", "default", (0,))]
     assert md.keyslots[0].area_offset == 2 * HDR and md.keyslots[0].area_size == 258048
     assert len(dek) == 64
     assert fmt.unlock(dev, result.header, kek) == dek
@@ -279,3 +279,69 @@ def test_af_known_answer():
     r, key = os.urandom(40), os.urandom(40)
     last = bytes(a ^ b for a, b in zip(key, af._diffuse(r, "sha256")))
     assert af.merge(r + last, 40, 2) == key
+
+
+def _edited(dev: MemoryBackstore, header: fmt.Header, edit) -> fmt.Header:
+    obj = header.metadata.to_json()
+    edit(obj)
+    return disk.write(dev, header.with_metadata(fmt.Metadata(obj, HDR)))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda o: o["keyslots"]["0"]["kdf"].update(iterations=50_000_000), "exceeds the limit"),
+    (lambda o: o["keyslots"]["0"]["area"].update(key_size=512), "not supported"),
+    (lambda o: o["digests"]["0"].update(digest="A" * 11000), "size"),
+    (lambda o: o["digests"]["0"].update(iterations=20_000_000), "exceeds the limit"),
+    (lambda o: o["keyslots"]["0"].update(kdf={"type": "argon2id", "time": 1000, "memory": 4194304,
+                                              "cpus": 4, "salt": "AAAA"}), "exceeds the limit"),
+])
+def test_hostile_kdf_costs_refused_fast(small_evlu, kek, edit, message):
+    """A hostile header cannot stall an unlock: over-limit costs are refused up front."""
+    import time
+    dev, header, _ = small_evlu
+    header = _edited(dev, header, edit)
+    start = time.monotonic()
+    with pytest.raises(fmt.UnsupportedError, match=message):
+        fmt.unlock(dev, header, kek, header.metadata.evlu_tokens()[0])
+    assert time.monotonic() - start < 2
+
+
+def test_broken_keyslot_does_not_block_the_device(small_evlu, kek):
+    """As cryptsetup: a keyslot we cannot parse is ignored unless it is the one used."""
+    dev, header, dek = small_evlu
+    header = fmt.add_binding(dev, header, dek, os.urandom(32), fmt.Binding("k2"))
+    header = _edited(dev, header, lambda o: o["keyslots"]["1"]["kdf"].update(type="argon3"))
+    md = fmt.read(dev).header.metadata
+    assert 1 in md.broken_keyslots and 1 not in md.keyslots
+    assert fmt.unlock(dev, header, kek, md.evlu_tokens()[0]) == dek
+    # its area is still taken: a new keyslot must not overwrite it
+    area1 = int(header.metadata.raw_keyslots[1]["area"]["offset"])
+    header = fmt.add_binding(dev, header, dek, os.urandom(32), fmt.Binding("k3"))
+    new_slot = next(t for t in header.metadata.evlu_tokens() if t.key_id == "k3").keyslots[0]
+    assert header.metadata.keyslots[new_slot].area_offset != area1
+
+
+def test_malformed_binding_is_reported_not_fatal(small_evlu, kek):
+    dev, header, dek = small_evlu
+    header = _edited(dev, header, lambda o: o["tokens"].update(
+        {"3": {"type": "evlu-kmip", "keyslots": ["0"], "key_id": 7, "kms": "x"}}))
+    md = fmt.read(dev).header.metadata
+    assert [t.key_id for t in md.evlu_tokens()] == ["k1"]
+    assert "key_id" in md.broken_tokens()[3]
+
+
+def test_full_width_label_is_read_terminated_and_rewritable(small_evlu, kek):
+    """A label filling its whole field (no NUL) reads as cryptsetup reads it (the last byte
+    is the terminator), and the header can still be rewritten."""
+    dev, header, dek = small_evlu
+    label = binary.BinaryHeader(True, HDR, 9, "", header.uuid, "evlu", header.salts[0], 0)
+    json_area = header.metadata.encode()
+    raw = bytearray(label.pack(json_area))
+    raw[24:72] = b"L" * 48
+    # re-checksum the edited copy with the module's own checksum over the edited bytes
+    raw[448:512] = binary._checksum(bytes(raw[:4096]), json_area) + bytes(32)
+    dev.pwrite(bytes(raw), 0)
+    result = fmt.read(dev)
+    assert result.header.label == "L" * 47 and result.header.seqid == 9
+    fmt.add_binding(dev, result.header, dek, os.urandom(32), fmt.Binding("k2"))
+    assert fmt.read(dev).header.label == "L" * 47

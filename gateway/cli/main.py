@@ -151,8 +151,10 @@ def _dump_dict(path: str, result: fmt.ReadResult) -> dict:
         "copies": {"primary": "ok" if result.primary_ok else "bad",
                    "secondary": "ok" if result.secondary_ok else "bad"},
         "problems": result.problems,
-        "bindings": [{"token": t.id, "keyslot": t.keyslot, "key_id": t.key_id, "kms": t.kms}
-                     for t in md.evlu_tokens()],
+        "bindings": [{"token": t.id, "keyslots": list(t.keyslots), "key_id": t.key_id,
+                      "kms": t.kms} for t in md.evlu_tokens()],
+        "broken": {"keyslots": {str(k): v for k, v in md.broken_keyslots.items()},
+                   "bindings": {str(k): v for k, v in md.broken_tokens().items()}},
         "metadata": md.to_json(),
     }
 
@@ -181,8 +183,11 @@ def cmd_dump(args: argparse.Namespace) -> int:
               f"{ks.area_encryption}")
     print("Bindings (evlu-kmip tokens):")
     for b in info["bindings"]:
-        print(f"  token {b['token']} -> keyslot {b['keyslot']}: key id {b['key_id']} "
-              f"(KMS {b['kms']})")
+        slots = ", ".join(map(str, b["keyslots"])) or "none (unusable)"
+        print(f"  token {b['token']} -> keyslot {slots}: key id {b['key_id']} (KMS {b['kms']})")
+    for kind, broken in info["broken"].items():
+        for i, why in broken.items():
+            print(f"  unusable {kind[:-1]} {i}: {why}")
     others = [t for i, t in md.raw_tokens.items() if t.get("type") != fmt.EVLU_TOKEN]
     for tok in others:
         print(f"  other token: {tok.get('type')}")

@@ -43,7 +43,7 @@ assert _STRUCT.size == 512
 
 
 def _cstr(raw: bytes, field: str) -> str:
-    text = raw.split(b"\0", 1)[0]
+    text = raw[:-1].split(b"\0", 1)[0]  # the last byte is always the terminator, as cryptsetup
     try:
         return text.decode("ascii")
     except UnicodeDecodeError:

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import os
 
-from ..crypto import SectorCipher
+from ..crypto import CryptoError, SectorCipher
 from . import af
 from .errors import FormatError, UnsupportedError, WrongKeyError
 from .metadata import Digest, Kdf, Keyslot
@@ -25,10 +25,14 @@ KDF_ITERATIONS = 1000  # cryptsetup's minimum for pbkdf2; KEKs are full-entropy 
 DIGEST_ITERATIONS = 1000
 SALT_SIZE = 32
 _PBKDF2_HASHES = {"sha1", "sha256", "sha512"}
-#: refuse KDF costs no honest header uses (a hostile header must not hang us)
-MAX_PBKDF2_ITERATIONS = 50_000_000
-MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024
-MAX_ARGON2_TIME = 1000
+#: refuse KDF costs no honest header uses, so a hostile header cannot stall an
+#: unlock for long: pbkdf2 work counts iterations x output blocks (cryptsetup's
+#: 2-second benchmark gives a few million); argon2 is capped at cryptsetup's
+#: 4 GiB and at a memory x passes product of 16 GiB.
+MAX_PBKDF2_WORK = 1 << 24
+MAX_ARGON2_MEMORY_KIB = 4 << 20
+MAX_ARGON2_WORK_KIB = 16 << 20
+MAX_DIGEST_SIZE = 64
 
 
 def area_size(key_size: int, stripes: int = AF_STRIPES) -> int:
@@ -43,13 +47,13 @@ def _material_size(ks: Keyslot) -> int:
 def derive(kdf: Kdf, passphrase: bytes, length: int) -> bytearray:
     """Run the keyslot's KDF."""
     if kdf.type == "pbkdf2":
-        if kdf.iterations > MAX_PBKDF2_ITERATIONS:
-            raise UnsupportedError(f"pbkdf2 with {kdf.iterations} iterations exceeds the limit")
         if kdf.hash not in _PBKDF2_HASHES:
             raise UnsupportedError(f"pbkdf2 hash {kdf.hash!r} is not supported")
+        _check_pbkdf2(kdf.hash, kdf.iterations, length)
         return bytearray(hashlib.pbkdf2_hmac(kdf.hash, passphrase, kdf.salt, kdf.iterations, length))
-    if kdf.memory > MAX_ARGON2_MEMORY_KIB or kdf.time > MAX_ARGON2_TIME:
-        raise UnsupportedError(f"{kdf.type} cost (time {kdf.time}, memory {kdf.memory} KiB) exceeds the limit")
+    if kdf.memory > MAX_ARGON2_MEMORY_KIB or kdf.memory * kdf.time > MAX_ARGON2_WORK_KIB:
+        raise UnsupportedError(f"{kdf.type} cost (time {kdf.time}, memory {kdf.memory} KiB) "
+                               "exceeds the limit")
     from cryptography.hazmat.primitives.kdf import argon2
 
     cls = {"argon2id": getattr(argon2, "Argon2id", None), "argon2i": getattr(argon2, "Argon2i", None)}[kdf.type]
@@ -63,12 +67,11 @@ def derive(kdf: Kdf, passphrase: bytes, length: int) -> bytearray:
     return bytearray(out)
 
 
-def _area_cipher(ks: Keyslot, key: bytearray) -> SectorCipher:
-    if ks.area_encryption != AREA_ENCRYPTION:
-        raise UnsupportedError(f"keyslot {ks.id} area cipher {ks.area_encryption!r} is not supported")
-    if ks.area_key_size not in (32, 64):
-        raise UnsupportedError(f"keyslot {ks.id} area key size {ks.area_key_size} is not supported")
-    return SectorCipher(key, 512)
+def _check_pbkdf2(hash_name: str, iterations: int, length: int) -> None:
+    blocks = -(-length // hashlib.new(hash_name).digest_size)
+    if iterations * blocks > MAX_PBKDF2_WORK:
+        raise UnsupportedError(f"pbkdf2 with {iterations} iterations for {length} bytes "
+                               "exceeds the limit")
 
 
 def material_length(ks: Keyslot) -> int:
@@ -84,10 +87,15 @@ def unwrap(ks: Keyslot, area: bytes, passphrase: bytes) -> bytearray:
         raise UnsupportedError(f"AF hash {ks.af_hash!r} is not supported")
     if len(area) < material_length(ks):
         raise FormatError(f"keyslot {ks.id}: area truncated")
+    if ks.area_encryption != AREA_ENCRYPTION or ks.area_key_size not in (32, 64):
+        raise UnsupportedError(f"keyslot {ks.id} area {ks.area_encryption!r} with a "
+                               f"{ks.area_key_size}-byte key is not supported")
     key = derive(ks.kdf, passphrase, ks.area_key_size)
     try:
-        with _area_cipher(ks, key) as cipher:
+        with SectorCipher(key, 512) as cipher:
             plain = cipher.decrypt(area[:material_length(ks)], 0)
+    except CryptoError as exc:
+        raise FormatError(f"keyslot {ks.id}: {exc}") from None
     finally:
         key[:] = bytes(len(key))
     return af.merge(plain, ks.key_size, ks.af_stripes, ks.af_hash)
@@ -129,10 +137,9 @@ def make_digest(volume_key: bytes, keyslots: list[int], segments: list[int],
 
 def verify(digest: Digest, volume_key: bytes) -> None:
     """Raise :class:`WrongKeyError` unless ``volume_key`` matches ``digest``."""
-    if digest.hash not in _PBKDF2_HASHES or not digest.digest:
-        raise UnsupportedError(f"digest {digest.id}: unsupported hash {digest.hash!r}")
-    if digest.iterations > MAX_PBKDF2_ITERATIONS:
-        raise UnsupportedError(f"digest {digest.id}: {digest.iterations} iterations exceeds the limit")
+    if digest.hash not in _PBKDF2_HASHES or not 0 < len(digest.digest) <= MAX_DIGEST_SIZE:
+        raise UnsupportedError(f"digest {digest.id}: unsupported hash {digest.hash!r} or size")
+    _check_pbkdf2(digest.hash, digest.iterations, len(digest.digest))
     value = hashlib.pbkdf2_hmac(digest.hash, bytes(volume_key), digest.salt, digest.iterations,
                                 len(digest.digest))
     if not hmac.compare_digest(value, digest.digest):

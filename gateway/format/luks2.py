@@ -127,10 +127,11 @@ def unlock_keyslot(dev: Device, header: Header, keyslot_id: int, kek: bytes) -> 
 
 
 def unlock(dev: Device, header: Header, kek: bytes, token: EvluToken | None = None) -> bytearray:
-    """The DEK, via ``token``'s keyslot, or else by trying every keyslot (as cryptsetup)."""
-    if token is not None:
-        return unlock_keyslot(dev, header, token.keyslot, kek)
-    for keyslot_id in sorted(header.metadata.keyslots):
+    """The DEK, via ``token``'s keyslots, or else by trying every keyslot (as cryptsetup)."""
+    if token is not None and not token.keyslots:
+        raise FormatError(f"binding {token.key_id!r} has no keyslot (killed by luksKillSlot?)")
+    candidates = token.keyslots if token is not None else sorted(header.metadata.keyslots)
+    for keyslot_id in candidates:
         try:
             return unlock_keyslot(dev, header, keyslot_id, kek)
         except WrongKeyError:
@@ -149,7 +150,7 @@ def _free_area(md: Metadata, size: int) -> int:
     start = 2 * md.hdr_size
     end = start + md.keyslots_size
     data = md.data_segment.offset
-    taken = sorted((ks.area_offset, ks.area_offset + ks.area_size) for ks in md.keyslots.values())
+    taken = sorted(md.areas())
     pos = start
     for lo, hi in taken:
         if lo - pos >= size:
@@ -207,26 +208,36 @@ def add_binding(dev: Device, header: Header, dek: bytes, kek: bytes, binding: Bi
     return _commit(dev, header, obj)
 
 
+def _unused(obj: dict, slots: tuple[int, ...]) -> list[int]:
+    """Those of ``slots`` no remaining token refers to."""
+    used = {ks for t in obj["tokens"].values() for ks in t.get("keyslots", [])}
+    return [s for s in slots if str(s) not in used]
+
+
+def _retire(dev: Device, header: Header, obj: dict, slots: tuple[int, ...]) -> Header:
+    """Commit ``obj`` without those of ``slots`` no token still uses, then wipe their areas."""
+    retired = _unused(obj, slots)
+    for slot_id in retired:
+        _drop_slot(obj, slot_id)
+    new = _commit(dev, header, obj)
+    for slot_id in retired:
+        _wipe_area(dev, header, slot_id)
+    return new
+
+
 def remove_binding(dev: Device, header: Header, token_id: int, *, allow_last: bool = False) -> Header:
-    """Remove an evlu-kmip token and its keyslot; the last binding only if ``allow_last``."""
+    """Remove an evlu-kmip token and its keyslots; the last binding only if ``allow_last``."""
     md = header.metadata
     tokens = {t.id: t for t in md.evlu_tokens()}
     if token_id not in tokens:
         raise FormatError(f"token {token_id} is not an evlu-kmip binding")
-    others = [ks for ks in md.keyslots if ks != tokens[token_id].keyslot]
-    if not others and not allow_last:
+    obj = md.to_json()
+    del obj["tokens"][str(token_id)]
+    retired = _unused(obj, tokens[token_id].keyslots)
+    if not [ks for ks in md.keyslots if ks not in retired] and not allow_last:
         raise FormatError("refusing to remove the last binding: the data would become "
                           "unrecoverable (use 'evlu off' to remove encryption deliberately)")
-    obj = md.to_json()
-    slot_id = tokens[token_id].keyslot
-    del obj["tokens"][str(token_id)]
-    still_used = any(str(slot_id) in t.get("keyslots", []) for t in obj["tokens"].values())
-    if not still_used:
-        _drop_slot(obj, slot_id)
-    new = _commit(dev, header, obj)
-    if not still_used:
-        _wipe_area(dev, header, slot_id)
-    return new
+    return _retire(dev, header, obj, tokens[token_id].keyslots)
 
 
 def rotate(dev: Device, header: Header, token_id: int, dek: bytes, new_kek: bytes,
@@ -238,16 +249,10 @@ def rotate(dev: Device, header: Header, token_id: int, dek: bytes, new_kek: byte
     tokens = {t.id: t for t in md.evlu_tokens()}
     if token_id not in tokens:
         raise FormatError(f"token {token_id} is not an evlu-kmip binding")
-    old_slot = tokens[token_id].keyslot
     obj = md.to_json()
     slot_id = _prepare_slot(dev, header, dek, new_kek, obj)
     obj["tokens"][str(token_id)] = _token_json(slot_id, binding)
-    if not any(str(old_slot) in t.get("keyslots", []) for t in obj["tokens"].values()):
-        _drop_slot(obj, old_slot)
-        new = _commit(dev, header, obj)
-        _wipe_area(dev, header, old_slot)
-        return new
-    return _commit(dev, header, obj)
+    return _retire(dev, header, obj, tokens[token_id].keyslots)
 
 
 def erase(dev: Device, header: Header) -> None:

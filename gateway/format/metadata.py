@@ -20,6 +20,7 @@ from typing import Any
 from .errors import FormatError, UnsupportedError
 
 MAX_SLOTS = 32  # LUKS2_KEYSLOTS_MAX and LUKS2_TOKENS_MAX
+MAX_DEPTH = 32  # cryptsetup (json-c) refuses deeper nesting
 MAX_KEYSLOTS_SIZE = 128 << 20  # LUKS2_MAX_KEYSLOTS_SIZE
 EVLU_TOKEN = "evlu-kmip"
 _U64 = re.compile(r"[0-9]{1,20}\Z")
@@ -134,10 +135,11 @@ class Digest:
 
 @dataclass(frozen=True)
 class EvluToken:
-    """The ``evlu-kmip`` token: binds a keyslot to a KEK in a KMIP key manager."""
+    """The ``evlu-kmip`` token: binds keyslots (normally one) to a KEK in a KMIP
+    key manager.  cryptsetup's luksKillSlot leaves a token with no keyslot."""
 
     id: int
-    keyslot: int
+    keyslots: tuple[int, ...]
     key_id: str
     kms: str
 
@@ -209,9 +211,15 @@ class Metadata:
         self._obj = obj
         self.hdr_size = hdr_size
         self.keyslots: dict[int, Keyslot] = {}
+        #: keyslots that do not parse: ignored unless used, as cryptsetup does
+        self.broken_keyslots: dict[int, str] = {}
         self.raw_keyslots = _section(obj, "keyslots")
         for i, ks in self.raw_keyslots.items():
-            parsed = _keyslot(i, ks)
+            try:
+                parsed = _keyslot(i, ks)
+            except FormatError as exc:
+                self.broken_keyslots[i] = str(exc)
+                continue
             if parsed is not None:
                 self.keyslots[i] = parsed
         self.segments = {i: _segment(i, s) for i, s in _section(obj, "segments").items()}
@@ -243,7 +251,7 @@ class Metadata:
                 if seg not in self.segments:
                     raise _ctx(f"digests.{dg.id}", f"references missing segment {seg}")
         start, end = 2 * self.hdr_size, 2 * self.hdr_size + self.keyslots_size
-        areas = sorted((ks.area_offset, ks.area_offset + ks.area_size) for ks in self.keyslots.values())
+        areas = sorted(self.areas())
         for lo, hi in areas:
             if lo < start or hi > end or lo >= hi:
                 raise _ctx("keyslots", f"area [{lo}, {hi}) outside the keyslots area [{start}, {end})")
@@ -255,9 +263,26 @@ class Metadata:
                 raise _ctx(f"segments.{seg.id}.offset", "overlaps the metadata or keyslots area")
             if seg.offset % seg.sector_size:
                 raise _ctx(f"segments.{seg.id}.offset", "not aligned to the sector size")
-        for tok in self.evlu_tokens():
-            if tok.keyslot not in self.keyslots:
-                raise _ctx(f"tokens.{tok.id}", "evlu-kmip token bound to a non-luks2 keyslot")
+
+    def areas(self) -> list[tuple[int, int]]:
+        """[start, end) of every keyslot area, broken keyslots included.
+
+        Raises when a keyslot's area cannot be located (nothing may then be
+        allocated safely)."""
+        out = []
+        for i, ks in self.raw_keyslots.items():
+            if i in self.keyslots:
+                parsed = self.keyslots[i]
+                out.append((parsed.area_offset, parsed.area_offset + parsed.area_size))
+                continue
+            area = ks.get("area")
+            if isinstance(area, dict) and area.get("type") == "none":
+                continue
+            if not isinstance(area, dict):
+                raise _ctx(f"keyslots.{i}.area", "missing: the keyslot's area cannot be located")
+            offset = _u64(area, "offset", f"keyslots.{i}.area")
+            out.append((offset, offset + _u64(area, "size", f"keyslots.{i}.area")))
+        return out
 
     # -- views --------------------------------------------------------------
 
@@ -267,7 +292,10 @@ class Metadata:
 
     def encode(self) -> bytes:
         """The JSON area: compact JSON, zero-padded to ``json_size``."""
-        text = json.dumps(self._obj, separators=(",", ":")).encode("ascii")
+        try:
+            text = json.dumps(self._obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+        except (TypeError, ValueError) as exc:
+            raise FormatError(f"metadata cannot be encoded: {exc}") from None
         if len(text) >= self.json_size:
             raise FormatError("metadata does not fit the JSON area")
         return text + bytes(self.json_size - len(text))
@@ -283,18 +311,27 @@ class Metadata:
         return next(iter(self.segments.values()))
 
     def evlu_tokens(self) -> list[EvluToken]:
-        out = []
+        """The well-formed evlu-kmip tokens (see :meth:`broken_tokens` for the others)."""
+        return [t for t in self._evlu_tokens() if isinstance(t, EvluToken)]
+
+    def broken_tokens(self) -> dict[int, str]:
+        """evlu-kmip tokens that cannot be used, and why."""
+        return {i: why for i, why in (t for t in self._evlu_tokens() if isinstance(t, tuple))}
+
+    def _evlu_tokens(self) -> list[EvluToken | tuple[int, str]]:
+        out: list[EvluToken | tuple[int, str]] = []
         for i, tok in sorted(self.raw_tokens.items()):
             if tok.get("type") != EVLU_TOKEN:
                 continue
             path = f"tokens.{i}"
-            slots = _ids(tok, "keyslots", path)
-            if len(slots) != 1:
-                raise _ctx(f"{path}.keyslots", "an evlu-kmip token binds exactly one keyslot")
-            key_id = _str(tok, "key_id", path)
-            if not key_id:
-                raise _ctx(f"{path}.key_id", "empty")
-            out.append(EvluToken(id=i, keyslot=slots[0], key_id=key_id, kms=_str(tok, "kms", path)))
+            try:
+                key_id = _str(tok, "key_id", path)
+                if not key_id:
+                    raise _ctx(f"{path}.key_id", "empty")
+                out.append(EvluToken(id=i, keyslots=tuple(_ids(tok, "keyslots", path)),
+                                     key_id=key_id, kms=_str(tok, "kms", path)))
+            except FormatError as exc:
+                out.append((i, str(exc)))
         return out
 
     def digest_for_segment(self, segment: int) -> Digest:
@@ -316,13 +353,33 @@ def decode(json_area: bytes, hdr_size: int) -> Metadata:
     if end < 0:
         raise FormatError("JSON area is not NUL-terminated")
     try:
-        obj = json.loads(json_area[:end].decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(json_area[:end].decode("utf-8"), parse_constant=_reject_constant,
+                         parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"JSON area does not parse: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise FormatError("JSON metadata is not an object")
+    _check_depth(obj)
     return Metadata(obj, hdr_size)
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"invalid JSON constant {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"JSON number {text} is out of range")
+    return value
+
+
+def _check_depth(obj: object) -> None:
+    """Refuse nesting deeper than cryptsetup accepts (iteratively: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FormatError(f"JSON metadata nested deeper than {MAX_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)

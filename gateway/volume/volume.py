@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..backstore import Backstore, BackstoreError
-from ..crypto import SectorCipher
+from ..crypto import CryptoError, SectorCipher
 from ..format import keyslot as fmt_keyslot
 from .gate import Gate
 from .keys import KeySource
@@ -271,14 +271,19 @@ class Volume:
             for token in header.metadata.evlu_tokens():
                 if token.key_id != key_id:
                     continue
+                seg = header.metadata.data_segment
                 try:
                     dek = fmt.unlock(self.backstore, header, kek, token)
                 except (fmt.FormatError, BackstoreError) as exc:
                     self._refused[key_id] = f"key {key_id} does not open the volume: {exc}"
                     continue
-                self._dek = dek
-                self._cipher = SectorCipher(dek, header.metadata.data_segment.sector_size,
-                                            header.metadata.data_segment.iv_tweak)
+                try:
+                    cipher = SectorCipher(dek, seg.sector_size, seg.iv_tweak)
+                except CryptoError as exc:
+                    dek[:] = bytes(len(dek))
+                    self._refused[key_id] = f"the volume key is unusable: {exc}"
+                    continue
+                self._dek, self._cipher = dek, cipher
                 self._pending.clear()
                 self._set(State.ENCRYPTED, f"unlocked with key {key_id}")
                 break
