@@ -139,6 +139,14 @@ def test_copy_through_pipes(files):
     assert out.returncode == 0 and out.stdout == payload
 
 
+def test_copy_in_from_a_pipe_larger_than_the_volume(files):
+    fmt_img(files)
+    capacity = (8 << 20) - fmt.MIN_DATA_OFFSET
+    out = evlu("copy-in", "-", str(files["img"]), "--kek-file", str(files["kek"]),
+               stdin=bytes(capacity + 4096))
+    assert out.returncode == 1 and b"larger than the volume" in out.stderr
+
+
 def test_rotate_bind_unbind_off(files, tmp_path, capsys):
     fmt_img(files)
     src = tmp_path / "src"

@@ -234,12 +234,14 @@ def cmd_unlock_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _copy(total: int, label: str, step: Callable[[int, int], None], quiet: bool) -> None:
+def _copy(total: int, label: str, step: Callable[[int, int], int], quiet: bool) -> None:
+    """Call ``step(offset, length)`` chunk by chunk until ``total`` or until it returns 0."""
     progress = Progress(label, total, enabled=False if quiet else None)
     done = 0
     while done < total:
-        n = min(_CHUNK, total - done)
-        step(done, n)
+        n = step(done, min(_CHUNK, total - done))
+        if not n:
+            break
         done += n
         progress.advance(n)
     progress.finish()
@@ -271,18 +273,28 @@ def cmd_copy_in(args: argparse.Namespace) -> int:
                            "bytes of data: use a larger device", EXIT_ERROR)
         written = 0
 
-        def step(offset: int, n: int) -> None:
+        def step(offset: int, n: int) -> int:
             nonlocal written
             data = src.read(n)
+            while data and len(data) < n:  # pipes return short reads
+                more = src.read(n - len(data))
+                if not more:
+                    break
+                data += more
             if not data:
-                return
-            if len(data) % bs:
-                data += bytes(bs - len(data) % bs)
+                return 0
+            got = len(data)
+            if got % bs:
+                data += bytes(bs - got % bs)
             vol.write(offset // bs, data)
-            written += len(data)
+            written += got
+            return got
 
         _copy(total, "copy-in", step, args.quiet)
         vol.flush()
+        if args.src == "-" and written == capacity and src.read(1):
+            raise CliError(f"the input is larger than the volume's {capacity} bytes; the rest "
+                           "was not copied")
     print(f"{args.device}: wrote {written} bytes of plaintext (encrypted on disk)", file=sys.stderr)
     return EXIT_OK
 
@@ -295,9 +307,10 @@ def cmd_copy_out(args: argparse.Namespace) -> int:
         if total > capacity:
             raise CliError(f"--length {total} exceeds the volume's {capacity} bytes")
 
-        def step(offset: int, n: int) -> None:
+        def step(offset: int, n: int) -> int:
             blocks = -(-n // bs)
             dest.write(memoryview(vol.read(offset // bs, blocks))[:n])
+            return n
 
         _copy(total, "copy-out", step, args.quiet)
     return EXIT_OK
