@@ -469,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exception type -> exit code, most specific first
+_EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (OperationRefusedError, EXIT_REFUSED), (fmt.WrongKeyError, EXIT_WRONG_KEY),
+    (fmt.HeaderExistsError, EXIT_REFUSED), (fmt.NoHeaderError, EXIT_NO_HEADER),
+    (fmt.LayoutError, EXIT_USAGE), (fmt.FormatError, EXIT_UNUSABLE),
+    (BackstoreError, EXIT_ERROR), (VolumeError, EXIT_ERROR),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -476,30 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"evlu: {exc}", file=sys.stderr)
         return exc.code
-    except OperationRefusedError as exc:
-        print(f"evlu: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except fmt.WrongKeyError as exc:
-        print(f"evlu: {exc}", file=sys.stderr)
-        return EXIT_WRONG_KEY
-    except fmt.HeaderExistsError as exc:
-        print(f"evlu: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except fmt.NoHeaderError as exc:
-        print(f"evlu: {exc}", file=sys.stderr)
-        return EXIT_NO_HEADER
-    except fmt.LayoutError as exc:
-        print(f"evlu: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except fmt.FormatError as exc:
-        print(f"evlu: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except (BackstoreError, VolumeError) as exc:
-        print(f"evlu: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("evlu: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        code = next((c for t, c in _EXIT_CODES if isinstance(exc, t)), None)
+        if code is None:
+            raise
+        print(f"evlu: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
