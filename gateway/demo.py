@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plaintext found in the file: {MESSAGE[:32] in raw}")
     print(f"bytes at the data offset + LBA 100: {raw[at:at + 32].hex()}")
 
+    _step("evlu dump: both header copies, and the binding's key id")
+    script = os.path.join(os.path.dirname(sys.executable), "evlu")  # the venv's console script
+    evlu = [script] if os.path.exists(script) else [sys.executable, "-m", "gateway.cli.main"]
+    _run([*evlu, "dump", image])
+
     if shutil.which("cryptsetup") is None:
         print("\ncryptsetup is not installed: run 'make run' (installs it) to see the interop part")
         return 1
