@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux
+APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux e2fsprogs
 
 .PHONY: run test deps system-deps bench clean
 
