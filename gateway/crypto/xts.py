@@ -273,15 +273,13 @@ class _Batch:
         tweak_aes(iv.reshape(-1).view(np.uint8), self.encrypted_iv[:count * 16 + 16])
         sector_bases = self.encrypted_iv[:count * 16].view(_U64).reshape(count, 2)
         nvs = count * iv_step
-        lo, hi = self.bases[0, :nvs], self.bases[1, :nvs]
+        bases = self.bases[:, :nvs]
         if iv_step == 1:
-            np.copyto(lo, sector_bases[:, 0])
-            np.copyto(hi, sector_bases[:, 1])
+            np.copyto(bases, sector_bases.T)
         else:
-            _group_bases(sector_bases, lo.reshape(count, iv_step), hi.reshape(count, iv_step),
-                         self.tmp)
+            _group_bases(sector_bases, bases.reshape(2, count, iv_step), self.tmp)
         records = self.records[:8 * nvs * 3].reshape(8, nvs, 3)
-        _expand(lo, hi, records, self.tmp)
+        _expand(bases[0], bases[1], records, self.tmp)
         fixed = [buf[:8 * nvs].reshape(8, nvs) for buf in self.first_bytes]
         _fix_first_bytes(records, fixed)
         windows = np.ndarray((nvs, 4, 8), "V16", records, 8, (24, -1, 24 * nvs))
@@ -298,74 +296,73 @@ def _batch() -> _Batch:
     return batch
 
 
-def _group_bases(sector_bases: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                 tmp: np.ndarray) -> None:
-    """``lo, hi[s, m] = sector_bases[s] * alpha**(32 m)``, the bases of 32-block groups."""
-    count, groups = lo.shape
-    # Group-major, so that every numpy operation runs over long rows.
-    glo = tmp[0, :groups * count].reshape(groups, count)
-    ghi = tmp[1, :groups * count].reshape(groups, count)
-    work = tmp[2:].reshape(-1)[:3 * 4 * count].reshape(3, 4, count)
-    np.copyto(glo[0], sector_bases[:, 0])
-    np.copyto(ghi[0], sector_bases[:, 1])
-    _times_alpha32(glo[0], ghi[0], glo[1], ghi[1], work[:, 0])
-    if groups > 2:  # groups 2, 3 = groups 0, 1 times alpha**64
-        _times_alpha64(glo[:2], ghi[:2], glo[2:4], ghi[2:4], work[:, :2])
-    if groups > 4:  # groups 4..7 = groups 0..3 times alpha**128, alpha**64 twice
-        _times_alpha64(glo[:4], ghi[:4], glo[4:], ghi[4:], work)
-        _times_alpha64(glo[4:], ghi[4:], glo[4:], ghi[4:], work)
-    np.copyto(lo, glo.T)
-    np.copyto(hi, ghi.T)
+# The shifts of M1 (1, 2, 7) and M2 (2, 4, 14) side by side (see _group_bases).
+_M12_SHIFTS = np.array([[1, 2], [2, 4], [7, 14]], _U64).reshape(3, 2, 1, 1)
 
 
-def _times_alpha32(lo: np.ndarray, hi: np.ndarray, out_lo: np.ndarray, out_hi: np.ndarray,
-                   work: np.ndarray) -> None:
-    """``(out_lo, out_hi) = (lo, hi) * alpha**32``."""
-    c, r, t = work
-    np.right_shift(hi, _U64(32), out=c)  # the bits shifted out, reduced by r(c)
-    np.left_shift(c, _U64(1), out=r)
-    r ^= c
+def _group_bases(sector_bases: np.ndarray, bases: np.ndarray, tmp: np.ndarray) -> None:
+    """``bases[:, s, m] = sector_bases[s] * alpha**(32 m)``: the (lo, hi) of 32-block groups.
+
+    In 32-bit limbs, multiplying by alpha**32 moves every limb up one place, and
+    a limb c that reaches place 4 + j (x**128 = x**7 + x**2 + x + 1) comes back
+    at place j as M1(c) = c ^ c << 1 ^ c << 2 ^ c << 7, or from place 8 + j as
+    M2(c) = M1(M1(c)) = c ^ c << 2 ^ c << 4 ^ c << 14.  Keeping those values
+    whole (39 and 46 bits) in uint64 lanes, limb p of the group m base is lane
+    3 - p + m of one sequence z = (v3 .. v0, M1(v3 .. v0), M2(v3 .. v0)) over the
+    limbs v of the sector's base.  A lane's bits beyond 32 belong to the next
+    limb; those of limb 3 (M1 lanes, in groups 4 and up) wrap round to limb 0.
+    """
+    count, groups = bases.shape[1:]
+    work = tmp.reshape(-1)[:(20 + 2 * groups) * count]  # <= 12 * _SPAN_VS: fits in tmp
+    z, t = work[:12 * count].reshape(12, count), work[12 * count:20 * count]
+    lanes, m12 = z[:4], z[4:].reshape(2, 4, count)
+    out = work[20 * count:].reshape(2, groups, count)  # group-major, so numpy runs over long rows
+    np.copyto(lanes, sector_bases.view(np.uint32).T[::-1])
+    np.left_shift(lanes, _M12_SHIFTS[0], out=m12)
+    m12 ^= lanes
+    for shifts in _M12_SHIFTS[1:]:
+        m12 ^= np.left_shift(lanes, shifts, out=t.reshape(2, 4, count))
+    lo, hi = out
+
+    def limb(p: int) -> np.ndarray:  # limb p of every group's base
+        return z[3 - p:3 - p + groups]
+
+    np.left_shift(limb(1), _U64(32), out=lo)
+    lo ^= limb(0)
+    np.right_shift(limb(1), _U64(32), out=hi)
+    hi ^= limb(2)
+    t = t[:groups * count].reshape(groups, count)
+    np.left_shift(limb(3), _U64(32), out=t)
+    hi ^= t
+    if groups > 4:
+        carry, reduced, scratch = t[:4], t[4:], lanes  # the lanes v are no longer needed
+        np.right_shift(z[4:8], _U64(32), out=carry)
+        _clmul87(carry, reduced, scratch)
+        lo[4:] ^= reduced
+    np.copyto(bases, out.transpose(0, 2, 1))
+
+
+def _clmul87(x: np.ndarray, out: np.ndarray, work: np.ndarray) -> None:
+    """``out = M1(x) = x ^ x << 1 ^ x << 2 ^ x << 7``; out must not alias x."""
+    np.left_shift(x, _U64(1), out=work)
+    np.bitwise_xor(x, work, out=out)
     for shift in (2, 7):
-        np.left_shift(c, _U64(shift), out=t)
-        r ^= t
-    np.right_shift(lo, _U64(32), out=t)
-    np.left_shift(hi, _U64(32), out=out_hi)
-    out_hi ^= t
-    np.left_shift(lo, _U64(32), out=out_lo)
-    out_lo ^= r
-
-
-def _times_alpha64(lo: np.ndarray, hi: np.ndarray, out_lo: np.ndarray, out_hi: np.ndarray,
-                   work: np.ndarray) -> None:
-    """``(out_lo, out_hi) = (lo, hi) * alpha**64 = (r(hi), lo ^ r(hi) >> 64)``; out may alias in."""
-    r, t, u = work
-    np.left_shift(hi, _U64(1), out=r)  # r(hi), its low 64 bits ...
-    r ^= hi
-    for shift in (2, 7):
-        np.left_shift(hi, _U64(shift), out=u)
-        r ^= u
-    np.right_shift(hi, _U64(57), out=t)  # ... and the 7 above
-    for shift in (62, 63):
-        np.right_shift(hi, _U64(shift), out=u)
-        t ^= u
-    np.bitwise_xor(lo, t, out=out_hi)
-    np.copyto(out_lo, r)
+        np.left_shift(x, _U64(shift), out=work)
+        out ^= work
 
 
 def _expand(lo: np.ndarray, hi: np.ndarray, records: np.ndarray, tmp: np.ndarray) -> None:
     """Build ``records[b, v] = S_v << b`` (see above) from the bases ``(lo[v], hi[v])``."""
-    s = tmp[0, :3 * len(lo)].reshape(3, -1)  # S, word-major
-    p, carry = s[0], tmp[1, :len(lo)]
+    p, carry, s = tmp[0, :len(lo)], tmp[1, :len(lo)], records[0]
     np.right_shift(hi, _U64(5), out=p)
     p ^= hi
     for shift in (6, 7):
         np.right_shift(hi, _U64(shift), out=carry)
         p ^= carry
-    np.right_shift(p, _U64(57), out=s[1])
-    s[1] ^= lo
-    p <<= _U64(7)
-    np.copyto(s[2], hi)
-    np.copyto(records[0], s.T)
+    np.right_shift(p, _U64(57), out=s[:, 1])
+    s[:, 1] ^= lo
+    np.left_shift(p, _U64(7), out=s[:, 0])
+    np.copyto(s[:, 2], hi)
     # Double the rows: S << (b + k) = (S << b) << k, each word taking the top k
     # bits of the word below.  Word 0 takes them from the previous record's word
     # 2: that garbage stays in bits 0..6 of word 0, below every window.
