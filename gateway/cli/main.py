@@ -77,14 +77,20 @@ def _read_header(dev: Backstore) -> fmt.ReadResult:
         raise CliError(f"{dev.path}: {exc}", EXIT_UNUSABLE) from None
 
 
+def _open_evlu(dev: Backstore) -> Volume:
+    """The eVLU on ``dev``; a CliError saying why when it has no usable header."""
+    vol = Volume.open(dev)
+    if vol.header is None:
+        _read_header(dev)  # raises with the precise reason
+        raise CliError(f"{dev.path}: {vol.reason}", EXIT_UNUSABLE)
+    return vol
+
+
 @contextmanager
 def _unlocked(path: str, kek: bytes, *, readonly: bool) -> Iterator[Volume]:
     """An ENCRYPTED volume: the KEK is offered for every binding of the header."""
     with _device(path, readonly=readonly) as dev:
-        vol = Volume.open(dev)
-        if vol.state == State.UNKNOWN and vol.header is None:
-            _read_header(dev)  # raises with the precise reason
-            raise CliError(f"{path}: {vol.reason}", EXIT_UNUSABLE)
+        vol = _open_evlu(dev)
         for token in vol.bindings:
             vol.offer_kek(token.key_id, kek)
         if vol.state != State.ENCRYPTED:
@@ -358,10 +364,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 def cmd_unbind(args: argparse.Namespace) -> int:
     with _device(args.device, readonly=False) as dev:
-        vol = Volume.open(dev)
-        if vol.header is None:
-            _read_header(dev)
-        vol.remove_binding(args.key_id)
+        _open_evlu(dev).remove_binding(args.key_id)
     print(f"{args.device}: removed binding to key {args.key_id}")
     return EXIT_OK
 
@@ -372,10 +375,7 @@ def cmd_off(args: argparse.Namespace) -> int:
                        "unreadable for good. Copy it out first ('evlu copy-out'), then repeat "
                        "with --confirm", EXIT_REFUSED)
     with _device(args.device, readonly=False) as dev:
-        vol = Volume.open(dev)
-        if vol.header is None:
-            _read_header(dev)
-        vol.encrypt_off(confirm=True)
+        _open_evlu(dev).encrypt_off(confirm=True)
     print(f"{args.device}: encryption metadata removed; the device is now plain")
     return EXIT_OK
 

@@ -194,14 +194,14 @@ def _wipe_area(dev: Device, header: Header, slot_id: int) -> None:
     dev.flush()
 
 
-def _check_dek(dev: Device, header: Header, dek: bytes) -> None:
+def _check_dek(header: Header, dek: bytes) -> None:
     md = header.metadata
     keyslot.verify(md.digest_for_segment(md.data_segment.id), dek)
 
 
 def add_binding(dev: Device, header: Header, dek: bytes, kek: bytes, binding: Binding) -> Header:
     """Wrap the DEK in a new keyslot under ``kek`` and bind it with a new token."""
-    _check_dek(dev, header, dek)
+    _check_dek(header, dek)
     obj = header.metadata.to_json()
     slot_id = _prepare_slot(dev, header, dek, kek, obj)
     obj["tokens"][str(_free_id(header.metadata.raw_tokens))] = _token_json(slot_id, binding)
@@ -244,7 +244,7 @@ def rotate(dev: Device, header: Header, token_id: int, dek: bytes, new_kek: byte
            binding: Binding) -> Header:
     """Re-wrap the DEK of one binding under a new KEK: one atomic header commit,
     no data rewrite.  The old keyslot area is wiped afterwards."""
-    _check_dek(dev, header, dek)
+    _check_dek(header, dek)
     md = header.metadata
     tokens = {t.id: t for t in md.evlu_tokens()}
     if token_id not in tokens:

@@ -45,6 +45,23 @@ def wipe_data_area(backstore: Backstore, data_offset: int,
     backstore.flush()
 
 
+def read_repaired(backstore: Backstore) -> fmt.Header:
+    """Read the header, rewriting a damaged or stale copy from the good one."""
+    result = fmt.read(backstore)
+    if result.needs_repair:
+        fmt.repair(backstore, result)
+    return result.header
+
+
+@contextmanager
+def _as_volume_errors() -> Iterator[None]:
+    """Report a backing-store failure as a volume I/O error."""
+    try:
+        yield
+    except BackstoreError as exc:
+        raise VolumeIOError(str(exc)) from exc
+
+
 class Volume:
     """An eVLU (or a plain LUN) over one backstore."""
 
@@ -80,9 +97,7 @@ class Volume:
         vol = cls(backstore, **kwargs)  # type: ignore[arg-type]
         if not backstore.readonly:
             try:
-                result = fmt.read(backstore)
-                if result.needs_repair:
-                    fmt.repair(backstore, result)
+                read_repaired(backstore)
             except (fmt.FormatError, BackstoreError):
                 pass  # rescan reports it
         vol.rescan()
@@ -325,10 +340,8 @@ class Volume:
                 raise NotReadyError(f"metadata unusable: {self._reason}", 0x04, 0x03)
             if lba < 0 or nblocks < 0 or lba + nblocks > self._capacity:
                 raise LbaOutOfRangeError(f"LBA range {lba}+{nblocks} outside 0..{self._capacity}")
-            try:
+            with _as_volume_errors():
                 yield self._cipher, self.data_offset + lba * self.block_size
-            except BackstoreError as exc:
-                raise VolumeIOError(str(exc)) from exc
 
     def read(self, lba: int, nblocks: int) -> bytearray:
         """Read ``nblocks`` blocks at ``lba`` (plaintext)."""
@@ -390,16 +403,16 @@ class Volume:
 
     def _fresh_header(self) -> fmt.Header:
         """Re-read (and repair) the header before changing it."""
-        try:
-            result = fmt.read(self.backstore)
-            if result.needs_repair:
-                fmt.repair(self.backstore, result)
-        except BackstoreError as exc:
-            raise VolumeIOError(str(exc)) from exc
-        header = result.header
+        with _as_volume_errors():
+            header = read_repaired(self.backstore)
         if self._header is not None and header.uuid != self._header.uuid:
             raise OperationRefusedError("the header changed underneath (different UUID): rescan first")
         return header
+
+    def _check_not_in_use(self, force: bool) -> None:
+        if self.in_use and not force:
+            raise OperationRefusedError(f"{self.name} is in use (exported); unexport it first "
+                                        "or use force")
 
     def encrypt_on(self, kek: bytes, binding: fmt.Binding, *, sector_size: int = 512,
                    data_offset: int = fmt.DEFAULT_DATA_OFFSET, force: bool = False,
@@ -413,16 +426,12 @@ class Volume:
             if old in _ENCRYPTED_STATES and not force:
                 raise OperationRefusedError(f"{self.name} is already encrypted ({old.value}); "
                                             "use force to re-format it and lose its data")
-            if self.in_use and not force:
-                raise OperationRefusedError(f"{self.name} is in use (exported); unexport it first "
-                                            "or use force")
-            try:
+            self._check_not_in_use(force)
+            with _as_volume_errors():
                 header, dek = fmt.create(self.backstore, kek, binding, sector_size=sector_size,
                                          data_offset=data_offset, force=force)
                 if wipe:
                     wipe_data_area(self.backstore, data_offset)
-            except BackstoreError as exc:
-                raise VolumeIOError(str(exc)) from exc
             self._drop_key()
             self._header, self._dek, self._seen_header = header, dek, True
             self._cipher = SectorCipher(dek, sector_size)
@@ -440,14 +449,10 @@ class Volume:
                                         "makes the data unreadable: confirm explicitly")
         with self._gate.exclusive(), self._lock:
             old = self._state
-            if self.in_use and not force:
-                raise OperationRefusedError(f"{self.name} is in use (exported); unexport it first "
-                                            "or use force")
+            self._check_not_in_use(force)
             header = self._fresh_header()
-            try:
+            with _as_volume_errors():
                 fmt.erase(self.backstore, header)
-            except BackstoreError as exc:
-                raise VolumeIOError(str(exc)) from exc
             self._drop_key()
             self._header, self._seen_header, self.allow_plain = None, False, True
             self._set(State.UNENCRYPTED, "encryption turned off")
@@ -470,10 +475,8 @@ class Volume:
             if self._state not in _ENCRYPTED_STATES:
                 raise OperationRefusedError(f"{self.name} is {self._state.value}: not an eVLU")
             header = self._fresh_header()
-            try:
+            with _as_volume_errors():
                 self._header = change(header, self._dek)
-            except BackstoreError as exc:
-                raise VolumeIOError(str(exc)) from exc
 
     def rotate(self, key_id: str, new_kek: bytes, new_binding: fmt.Binding) -> None:
         """Re-wrap the DEK bound to ``key_id`` under a new KEK (no data rewrite)."""
