@@ -1,10 +1,16 @@
 """``evlu``: create, inspect, check, migrate and re-key eVLUs from the shell.
 
+Commands that need a KEK get it from the KMS through the key id in the
+volume's header, as the gateway does (profiles and the gateway identity in
+$EVLU_CONFIG_DIR, default /etc/evlu-gateway; identity from $EVLU_GATEWAY);
+--kek-file uses a KEK from a file instead (offline use, no KMS).
+
 Exit codes (also in ``evlu --help``):
   0 success            4 the key does not open the volume
   1 error (I/O, ...)   5 header damaged: one copy bad (``evlu check --repair`` fixes it)
-  2 usage error/layout 6 metadata unusable (no valid copy, or an unsupported feature)
+  2 usage error/config 6 metadata unusable (no valid copy, or an unsupported feature)
   3 no eVLU header     7 refused: the operation needs confirmation (--yes/--confirm/--force)
+  8 KMS unreachable    9 the KMS refused this gateway, or the key is revoked/destroyed
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from typing import BinaryIO
 from .. import __version__
 from .. import format as fmt
 from ..backstore import Backstore, BackstoreError, open_backstore
+from ..kms import KmsConfigError, KmsError, KmsUnreachableError
 from ..volume import OperationRefusedError, State, Volume, VolumeError, wipe_data_area
+from . import kms_cmds
+from .keys import EXIT_KMS_REFUSED, EXIT_KMS_UNREACHABLE, KmsRefusal, KmsSession
 from .progress import Progress
 from .sizes import parse_size
 
@@ -77,9 +86,9 @@ def _read_header(dev: Backstore) -> fmt.ReadResult:
         raise CliError(f"{dev.path}: {exc}", EXIT_UNUSABLE) from None
 
 
-def _open_evlu(dev: Backstore) -> Volume:
+def _open_evlu(dev: Backstore, session: KmsSession | None = None) -> Volume:
     """The eVLU on ``dev``; a CliError saying why when it has no usable header."""
-    vol = Volume.open(dev)
+    vol = Volume.open(dev, key_source=session.lookups if session else None)
     if vol.header is None:
         _read_header(dev)  # raises with the precise reason
         raise CliError(f"{dev.path}: {vol.reason}", EXIT_UNUSABLE)
@@ -87,19 +96,52 @@ def _open_evlu(dev: Backstore) -> Volume:
 
 
 @contextmanager
-def _unlocked(path: str, kek: bytes, *, readonly: bool) -> Iterator[Volume]:
-    """An ENCRYPTED volume: the KEK is offered for every binding of the header."""
-    with _device(path, readonly=readonly) as dev:
-        vol = _open_evlu(dev)
-        for token in vol.bindings:
-            vol.offer_kek(token.key_id, kek)
-        if vol.state != State.ENCRYPTED:
-            raise CliError(f"{path}: the KEK does not open any binding ({vol.reason})",
-                           EXIT_WRONG_KEY)
+def _kms(args: argparse.Namespace) -> Iterator[KmsSession]:
+    session = KmsSession.from_args(args)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@contextmanager
+def _unlocked(args: argparse.Namespace, *, readonly: bool,
+              session: KmsSession | None = None) -> Iterator[Volume]:
+    """An ENCRYPTED volume, unlocked with ``--kek-file`` or else through the KMS."""
+    with _device(args.device, readonly=readonly) as dev:
+        if args.kek_file:
+            kek = _read_kek(args.kek_file)
+            vol = _open_evlu(dev)
+            for token in vol.bindings:
+                vol.offer_kek(token.key_id, kek)
+            if vol.state != State.ENCRYPTED:
+                vol.close()
+                raise CliError(f"{args.device}: the KEK does not open any binding "
+                               f"({vol.reason})", EXIT_WRONG_KEY)
+        else:
+            if session is None:
+                raise CliError("internal: a KMS session is needed")
+            vol = _open_evlu(dev, session)
+            try:
+                session.wait_unlocked(vol, args.wait)
+            except KmsError:
+                vol.close()
+                raise
         try:
             yield vol
         finally:
             vol.close()
+
+
+@contextmanager
+def _unlocked_any(args: argparse.Namespace, *, readonly: bool) -> Iterator[Volume]:
+    """:func:`_unlocked` with a KMS session of its own when there is no --kek-file."""
+    if args.kek_file:
+        with _unlocked(args, readonly=readonly) as vol:
+            yield vol
+    else:
+        with _kms(args) as session, _unlocked(args, readonly=readonly, session=session) as vol:
+            yield vol
 
 
 def _confirm(args: argparse.Namespace, question: str) -> None:
@@ -123,18 +165,57 @@ def _has_data(dev: Backstore, data_offset: int) -> bool:
 # -- commands -----------------------------------------------------------------
 
 def cmd_format(args: argparse.Namespace) -> int:
-    kek = _read_kek(args.kek_file)
-    binding = fmt.Binding(args.key_id or f"local-{uuid.uuid4()}", args.kms)
+    if args.kek_file:
+        kek = bytearray(_read_kek(args.kek_file))
+        binding = fmt.Binding(args.key_id or f"local-{uuid.uuid4()}", args.kms or "default")
+        _format(args, kek, binding, str(uuid.uuid4()), None)
+        return EXIT_OK
+    if args.key_id:
+        raise CliError("--key-id goes with --kek-file; with the KMS a new KEK is provisioned",
+                       EXIT_USAGE)
+    with _kms(args) as session:
+        with _device(args.device, readonly=False) as dev:
+            _check_format_target(args, dev)
+        volume_uuid = str(uuid.uuid4())
+        profile = session.profile_name(args.kms)
+        manager = session.manager(profile)
+        key_id = manager.provision(volume_uuid)
+        session.audit.record("provision", volume=volume_uuid, key_id=key_id, kms=profile)
+        try:
+            _format(args, manager.fetch(key_id), fmt.Binding(key_id, profile), volume_uuid,
+                    session)
+        except BaseException:  # the KEK must not outlive a failed format
+            manager.destroy(key_id)
+            session.audit.record("destroy", volume=volume_uuid, key_id=key_id, kms=profile,
+                                 reason="format failed")
+            raise
+    return EXIT_OK
+
+
+def _check_format_target(args: argparse.Namespace, dev: Backstore) -> None:
+    fmt.check_layout(dev.size, args.sector_size, args.data_offset)
+    if fmt.probe(dev) and not args.force:
+        raise CliError(f"{args.device} already has a LUKS header; refusing to overwrite it "
+                       "(--force destroys it and all data it protects)", EXIT_REFUSED)
+    if _has_data(dev, args.data_offset):
+        _confirm(args, f"{args.device} holds data; formatting makes it unreadable for good")
+
+
+def _format(args: argparse.Namespace, kek: bytearray, binding: fmt.Binding, volume_uuid: str,
+            session: KmsSession | None) -> None:
     with _device(args.device, readonly=False) as dev:
-        fmt.check_layout(dev.size, args.sector_size, args.data_offset)
-        if fmt.probe(dev) and not args.force:
-            raise CliError(f"{args.device} already has a LUKS header; refusing to overwrite it "
-                           "(--force destroys it and all data it protects)", EXIT_REFUSED)
-        if _has_data(dev, args.data_offset):
-            _confirm(args, f"{args.device} holds data; formatting makes it unreadable for good")
-        header, dek = fmt.create(dev, kek, binding, sector_size=args.sector_size,
-                                 data_offset=args.data_offset, force=args.force, label=args.label)
+        if session is None:
+            _check_format_target(args, dev)
+        try:
+            header, dek = fmt.create(dev, kek, binding, sector_size=args.sector_size,
+                                     data_offset=args.data_offset, force=args.force,
+                                     label=args.label, uuid=volume_uuid)
+        finally:
+            kek[:] = bytes(len(kek))
         dek[:] = bytes(len(dek))
+        if session is not None:
+            session.audit.record("format", volume=header.uuid, key_id=binding.key_id,
+                                 kms=binding.kms, device=args.device)
         seg = header.metadata.data_segment
         if not args.no_wipe:
             progress = Progress("zeroing the data area", dev.size - seg.offset,
@@ -145,7 +226,6 @@ def cmd_format(args: argparse.Namespace) -> int:
               f"  key id:      {binding.key_id} (KMS profile {binding.kms})\n"
               f"  sector size: {seg.sector_size}\n  data offset: {seg.offset}\n"
               f"  capacity:    {(dev.size - seg.offset) // seg.sector_size * seg.sector_size} bytes")
-    return EXIT_OK
 
 
 def _dump_dict(path: str, result: fmt.ReadResult) -> dict:
@@ -221,6 +301,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_unlock_check(args: argparse.Namespace) -> int:
+    if not args.kek_file:
+        with _kms(args) as session, _device(args.device, readonly=True) as dev:
+            vol = _open_evlu(dev, session)
+            try:
+                if args.key_id and args.key_id not in {t.key_id for t in vol.bindings}:
+                    raise CliError(f"no binding with key id {args.key_id!r}", EXIT_WRONG_KEY)
+                session.wait_unlocked(vol, args.wait)
+                print(f"{args.device}: gateway {session.pool.identity_name} can unlock it "
+                      f"(key {vol.unlocked_by})")
+            finally:
+                vol.close()
+        return EXIT_OK
     kek = _read_kek(args.kek_file)
     with _device(args.device, readonly=True) as dev:
         header = _read_header(dev).header
@@ -267,8 +359,7 @@ def _stream(path: str, mode: str) -> Iterator[BinaryIO]:
 
 
 def cmd_copy_in(args: argparse.Namespace) -> int:
-    kek = _read_kek(args.kek_file)
-    with _unlocked(args.device, kek, readonly=False) as vol, _stream(args.src, "rb") as src:
+    with _unlocked_any(args, readonly=False) as vol, _stream(args.src, "rb") as src:
         bs, capacity = vol.block_size, vol.num_blocks * vol.block_size
         total = os.fstat(src.fileno()).st_size if args.src != "-" else capacity
         if args.src != "-" and stat.S_ISBLK(os.fstat(src.fileno()).st_mode):
@@ -306,8 +397,7 @@ def cmd_copy_in(args: argparse.Namespace) -> int:
 
 
 def cmd_copy_out(args: argparse.Namespace) -> int:
-    kek = _read_kek(args.kek_file)
-    with _unlocked(args.device, kek, readonly=True) as vol, _stream(args.dest, "wb") as dest:
+    with _unlocked_any(args, readonly=True) as vol, _stream(args.dest, "wb") as dest:
         bs, capacity = vol.block_size, vol.num_blocks * vol.block_size
         total = capacity if args.length is None else args.length
         if total > capacity:
@@ -322,16 +412,65 @@ def cmd_copy_out(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _offline_pair(args: argparse.Namespace) -> bool:
+    """True with --kek-file and --new-kek-file (offline), False with neither (KMS)."""
+    if bool(args.kek_file) != bool(args.new_kek_file):
+        raise CliError("give both --kek-file and --new-kek-file (offline), or neither (KMS)",
+                       EXIT_USAGE)
+    return bool(args.kek_file)
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
-    kek, new_kek = _read_kek(args.kek_file), _read_kek(args.new_kek_file)
-    with _unlocked(args.device, kek, readonly=False) as vol:
+    if _offline_pair(args):
+        kek, new_kek = _read_kek(args.kek_file), _read_kek(args.new_kek_file)
+        with _unlocked(args, readonly=False) as vol:
+            header = vol.header
+            assert header is not None
+            old = _select_binding(header, args.key_id, kek, vol.backstore)
+            new_binding = fmt.Binding(args.new_key_id or f"local-{uuid.uuid4()}",
+                                      args.kms or old.kms)
+            vol.rotate(old.key_id, new_kek, new_binding)
+        print(f"{args.device}: key {old.key_id} replaced by {new_binding.key_id} "
+              f"(KMS {new_binding.kms}); no data rewritten")
+        return EXIT_OK
+    if args.new_key_id:
+        raise CliError("--new-key-id goes with --new-kek-file; with the KMS a new KEK is "
+                       "provisioned", EXIT_USAGE)
+    with _kms(args) as session, _unlocked(args, readonly=False, session=session) as vol:
         header = vol.header
         assert header is not None
-        old = _select_binding(header, args.key_id, kek, vol.backstore)
-        new_binding = fmt.Binding(args.new_key_id or f"local-{uuid.uuid4()}", args.kms or old.kms)
-        vol.rotate(old.key_id, new_kek, new_binding)
-    print(f"{args.device}: key {old.key_id} replaced by {new_binding.key_id} "
-          f"(KMS {new_binding.kms}); no data rewritten")
+        old_id = args.key_id or vol.unlocked_by
+        old = next((t for t in vol.bindings if t.key_id == old_id), None)
+        if old is None:
+            raise CliError(f"no binding with key id {old_id!r}", EXIT_USAGE)
+        profile = session.profile_name(args.kms) if args.kms else \
+            session.pool.profile_for(old.kms)
+        manager = session.manager(profile)
+        new_id = manager.provision(header.uuid)
+        session.audit.record("provision", volume=header.uuid, key_id=new_id, kms=profile)
+        new_kek = manager.fetch(new_id)
+        try:
+            vol.rotate(old.key_id, bytes(new_kek), fmt.Binding(new_id, profile))
+        except BaseException:
+            manager.destroy(new_id)
+            raise
+        finally:
+            new_kek[:] = bytes(len(new_kek))
+        session.audit.record("rotate", volume=header.uuid, key_id=new_id, kms=profile,
+                             old_key_id=old.key_id)
+        old_manager = session.manager(session.pool.profile_for(old.kms))
+        try:
+            old_manager.deactivate(old.key_id)
+            session.audit.record("deactivate", volume=header.uuid, key_id=old.key_id,
+                                 kms=old_manager.profile_name, reason="rotated")
+            retired = "deactivated"
+        except KmsError as exc:
+            session.audit.record("deactivate", outcome="error", volume=header.uuid,
+                                 key_id=old.key_id, kms=old_manager.profile_name, reason=str(exc))
+            retired = f"NOT deactivated ({exc}); deactivate it in the KMS"
+    print(f"{args.device}: key {old.key_id} replaced by {new_id} (KMS {profile}); no data "
+          f"rewritten; old key {retired}. Replicas made before this rotation open again only "
+          "once re-synced (they still name the old key).")
     return EXIT_OK
 
 
@@ -354,18 +493,86 @@ def _select_binding(header: fmt.Header, key_id: str | None, kek: bytes,
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
-    kek, new_kek = _read_kek(args.kek_file), _read_kek(args.new_kek_file)
-    binding = fmt.Binding(args.new_key_id or f"local-{uuid.uuid4()}", args.kms)
-    with _unlocked(args.device, kek, readonly=False) as vol:
-        vol.add_binding(new_kek, binding)
-    print(f"{args.device}: added binding to key {binding.key_id} (KMS {binding.kms})")
+    if _offline_pair(args):
+        kek, new_kek = _read_kek(args.kek_file), _read_kek(args.new_kek_file)
+        binding = fmt.Binding(args.new_key_id or f"local-{uuid.uuid4()}", args.kms or "default")
+        with _unlocked(args, readonly=False) as vol:
+            vol.add_binding(new_kek, binding)
+        print(f"{args.device}: added binding to key {binding.key_id} (KMS {binding.kms})")
+        return EXIT_OK
+    if not args.kms:
+        raise CliError("say which KMS the new binding goes to: --kms PROFILE (see "
+                       "'evlu kms profile list')", EXIT_USAGE)
+    with _kms(args) as session, _unlocked(args, readonly=False, session=session) as vol:
+        header = vol.header
+        assert header is not None
+        profile = session.profile_name(args.kms)
+        manager = session.manager(profile)
+        key_id = manager.provision(header.uuid)
+        session.audit.record("provision", volume=header.uuid, key_id=key_id, kms=profile)
+        kek = manager.fetch(key_id)
+        try:
+            vol.add_binding(bytes(kek), fmt.Binding(key_id, profile))
+        except BaseException:
+            manager.destroy(key_id)
+            raise
+        finally:
+            kek[:] = bytes(len(kek))
+        session.audit.record("bind", volume=header.uuid, key_id=key_id, kms=profile)
+    print(f"{args.device}: added binding to key {key_id} (KMS {profile})")
     return EXIT_OK
 
 
 def cmd_unbind(args: argparse.Namespace) -> int:
     with _device(args.device, readonly=False) as dev:
-        _open_evlu(dev).remove_binding(args.key_id)
-    print(f"{args.device}: removed binding to key {args.key_id}")
+        vol = _open_evlu(dev)
+        vol.remove_binding(args.key_id)
+        header = vol.header
+    _audit_offline(args, "unbind", volume=header.uuid if header else None, key_id=args.key_id)
+    print(f"{args.device}: removed binding to key {args.key_id} (the key itself stays in its "
+          "KMS; 'evlu shred' destroys keys)")
+    return EXIT_OK
+
+
+def _audit_offline(args: argparse.Namespace, event: str, **fields: str | None) -> None:
+    """Record an event that needed no KMS, when this host has a configuration."""
+    from ..kms import Config
+    from ..kms.audit import AuditLog
+    config = Config(args.config_dir)
+    if config.root.is_dir():
+        gateway = args.gateway or os.environ.get("EVLU_GATEWAY") or config.settings().gateway
+        AuditLog(config.audit_path, gateway or "unknown").record(event, **fields)
+
+
+def cmd_shred(args: argparse.Namespace) -> int:
+    with _device(args.device, readonly=True) as dev:
+        header = _read_header(dev).header
+    tokens = header.metadata.evlu_tokens()
+    if not tokens:
+        raise CliError(f"{args.device} has no evlu-kmip binding: nothing to shred", EXIT_USAGE)
+    ids = ", ".join(f"{t.key_id} (KMS {t.kms})" for t in tokens)
+    _confirm(args, f"destroy key(s) {ids} in the KMS? Every copy and replica of "
+                   f"{args.device} (volume {header.uuid}) becomes unreadable, for good")
+    failed = 0
+    with _kms(args) as session:
+        for token in tokens:
+            profile = session.pool.profile_for(token.kms)
+            try:
+                session.manager(profile).destroy(token.key_id)
+            except KmsError as exc:
+                failed += 1
+                session.audit.record("destroy", outcome="error", volume=header.uuid,
+                                     key_id=token.key_id, kms=profile, reason=str(exc))
+                print(f"evlu: key {token.key_id} (KMS {profile}) NOT destroyed: {exc}",
+                      file=sys.stderr)
+                continue
+            session.audit.record("destroy", volume=header.uuid, key_id=token.key_id, kms=profile)
+            print(f"{args.device}: key {token.key_id} destroyed in KMS {profile}")
+    if failed:
+        raise CliError(f"{failed} of {len(tokens)} key(s) not destroyed; the volume may still "
+                       "be readable", EXIT_KMS_REFUSED)
+    print(f"{args.device}: volume {header.uuid} is crypto-shredded: no gateway can unlock it "
+          "or any replica of it")
     return EXIT_OK
 
 
@@ -389,29 +596,49 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes: where the configuration is, who this gateway is."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("KMS options")
+    group.add_argument("--config-dir", metavar="DIR",
+                       help="configuration directory (default: $EVLU_CONFIG_DIR or "
+                            "/etc/evlu-gateway)")
+    group.add_argument("--gateway", metavar="NAME",
+                       help="enrolled gateway identity to act as (default: $EVLU_GATEWAY, "
+                            "else the configured default, else this host's name)")
+    group.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                       help="how long to wait for the KMS (default: %(default)s)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evlu", description="Manage encrypted virtual LUNs (LUKS2-compatible eVLUs).",
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"evlu {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common()
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
             device: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if device:
             p.add_argument("device", metavar="DEVICE", help="backing file or block device")
         p.set_defaults(func=func)
         return p
 
     def kek(p: argparse.ArgumentParser, flag: str = "--kek-file", what: str = "KEK") -> None:
-        p.add_argument(flag, required=True, metavar="FILE",
-                       help=f"file holding the {what} (raw bytes, as cryptsetup --key-file)")
+        p.add_argument(flag, metavar="FILE",
+                       help=f"file holding the {what} (raw bytes, as cryptsetup --key-file); "
+                            "offline use: without it the KMS is asked")
 
-    p = add("format", cmd_format, "Create an eVLU: random DEK wrapped under the KEK, bound to a key id.")
+    p = add("format", cmd_format, "Create an eVLU: random DEK wrapped under a KEK the KMS "
+                                  "provisions (or --kek-file), bound to its key id.")
     kek(p)
-    p.add_argument("--key-id", help="KMS key id of the KEK (default: a new local-UUID id)")
-    p.add_argument("--kms", default="default", help="KMS profile name (default: %(default)s)")
+    p.add_argument("--key-id", help="with --kek-file: the key id to record (default: local-UUID)")
+    p.add_argument("--kms", nargs="?", const="", metavar="PROFILE",
+                   help="KMS profile to provision the KEK in (default: the default profile); "
+                        "with --kek-file: the profile name to record")
     p.add_argument("--sector-size", type=int, choices=(512, 4096), default=512,
                    help="encryption sector = LUN block size (default: %(default)s)")
     p.add_argument("--data-offset", type=_size_arg, default=fmt.DEFAULT_DATA_OFFSET,
@@ -431,9 +658,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "Verify both header copies (exit 5 if one needs repair).")
     p.add_argument("--repair", action="store_true", help="rewrite a damaged or stale copy")
 
-    p = add("unlock-check", cmd_unlock_check, "Exit 0 only if the KEK opens the volume.")
+    p = add("unlock-check", cmd_unlock_check,
+            "Exit 0 only if this gateway can unlock the volume (through the KMS, or --kek-file); "
+            "otherwise say why.")
     kek(p)
     p.add_argument("--key-id", help="only try the binding with this key id")
+    p.add_argument("--kms", metavar="PROFILE", dest="lookup_kms",
+                   help="look the key up in this KMS profile instead of the one the binding "
+                        "names")
 
     p = add("copy-in", cmd_copy_in, "Stream plaintext from SRC into the volume (from block 0).",
             device=False)
@@ -448,30 +680,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=_size_arg, help="bytes to copy (default: the whole volume)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress meter")
 
-    p = add("rotate", cmd_rotate, "Re-wrap the DEK under a new KEK (no data rewrite).")
+    p = add("rotate", cmd_rotate, "Re-wrap the DEK under a new KEK (no data rewrite); with the "
+                                  "KMS the new KEK is provisioned and the old one deactivated.")
     kek(p, what="current KEK")
     kek(p, "--new-kek-file", "new KEK")
-    p.add_argument("--key-id", help="binding to rotate (default: the one the KEK opens)")
-    p.add_argument("--new-key-id", help="key id of the new KEK (default: a new local-UUID id)")
-    p.add_argument("--kms", help="KMS profile of the new KEK (default: unchanged)")
+    p.add_argument("--key-id", help="binding to rotate (default: the one that unlocks)")
+    p.add_argument("--new-key-id", help="with --new-kek-file: key id of the new KEK")
+    p.add_argument("--kms", metavar="PROFILE",
+                   help="KMS profile of the new KEK (default: the old binding's)")
 
-    p = add("bind", cmd_bind, "Add a binding to a second KEK (e.g. a DR site's KMS).")
+    p = add("bind", cmd_bind, "Add a binding to a second KEK, e.g. in a DR site's KMS.")
     kek(p, what="current KEK")
     kek(p, "--new-kek-file", "additional KEK")
-    p.add_argument("--new-key-id", help="key id of the additional KEK")
-    p.add_argument("--kms", default="default", help="KMS profile of the additional KEK")
+    p.add_argument("--new-key-id", help="with --new-kek-file: key id of the additional KEK")
+    p.add_argument("--kms", metavar="PROFILE",
+                   help="KMS profile of the additional KEK (required with the KMS)")
 
     p = add("unbind", cmd_unbind, "Remove one binding (never the last one).")
     p.add_argument("--key-id", required=True, help="key id of the binding to remove")
 
+    p = add("shred", cmd_shred, "Destroy the volume's KEK(s) in the KMS: the volume and every "
+                                "replica of it become unreadable everywhere.")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
     p = add("off", cmd_off, "Remove encryption: all bindings and the header (data is lost).")
     p.add_argument("--confirm", action="store_true", help="required: yes, destroy the data")
+
+    kms_cmds.add_parser(sub, common)
     return parser
 
 
 #: exception type -> exit code, most specific first
 _EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
     (OperationRefusedError, EXIT_REFUSED), (fmt.WrongKeyError, EXIT_WRONG_KEY),
+    (KmsConfigError, EXIT_USAGE), (KmsUnreachableError, EXIT_KMS_UNREACHABLE),
+    (KmsError, EXIT_KMS_REFUSED),
     (fmt.HeaderExistsError, EXIT_REFUSED), (fmt.NoHeaderError, EXIT_NO_HEADER),
     (fmt.LayoutError, EXIT_USAGE), (fmt.FormatError, EXIT_UNUSABLE),
     (BackstoreError, EXIT_ERROR), (VolumeError, EXIT_ERROR),
@@ -488,6 +731,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evlu: interrupted", file=sys.stderr)
         return 130
+    except KmsRefusal as exc:
+        print(f"evlu: {exc}", file=sys.stderr)
+        return EXIT_WRONG_KEY if exc.wrong_key else EXIT_KMS_REFUSED
     except Exception as exc:
         code = next((c for t, c in _EXIT_CODES if isinstance(exc, t)), None)
         if code is None:

@@ -64,8 +64,11 @@ def check_layout(size: int, sector_size: int, data_offset: int) -> None:
 
 def create(dev: Device, kek: bytes, binding: Binding, *, sector_size: int = 512,
            data_offset: int = DEFAULT_DATA_OFFSET, force: bool = False,
-           label: str = "") -> tuple[Header, bytearray]:
+           label: str = "", uuid: str | None = None) -> tuple[Header, bytearray]:
     """Format ``dev`` as an eVLU; returns the header and the new random DEK.
+
+    ``uuid`` (default: a new random one) lets a caller name the KEK after the
+    volume before the volume exists.
 
     Refuses to touch a device with any LUKS signature unless ``force``.
     """
@@ -95,7 +98,8 @@ def create(dev: Device, kek: bytes, binding: Binding, *, sector_size: int = 512,
                    "keyslots_size": str(keyslots_size)},
     }
     salt = os.urandom(64)
-    header = Header(hdr_size=HDR_SIZE, seqid=0, uuid=str(uuidlib.uuid4()), label=label,
+    volume_uuid = str(uuidlib.UUID(uuid) if uuid else uuidlib.uuid4())
+    header = Header(hdr_size=HDR_SIZE, seqid=0, uuid=volume_uuid, label=label,
                     subsystem=SUBSYSTEM, salts=(salt, bytes(b ^ 0xFF for b in salt)),
                     metadata=Metadata(obj, HDR_SIZE))
     return disk.write(dev, header, fresh=True), dek

@@ -83,6 +83,7 @@ class Volume:
         self._header: fmt.Header | None = None
         self._cipher: SectorCipher | None = None
         self._dek: bytearray | None = None
+        self._unlocked_by: str | None = None  # the key id whose KEK opened the volume
         self._pending: set[str] = set()  # key ids asked for and not answered
         self._refused: dict[str, str] = {}
         self._seen_header = False  # an encrypted LUN never silently turns plain
@@ -160,7 +161,7 @@ class Volume:
             self._cipher.close()
         if self._dek is not None:
             self._dek[:] = bytes(len(self._dek))
-        self._cipher = self._dek = None
+        self._cipher = self._dek = self._unlocked_by = None
 
     def _set(self, state: State, reason: str) -> None:
         self._state, self._reason = state, reason
@@ -298,7 +299,7 @@ class Volume:
                     dek[:] = bytes(len(dek))
                     self._refused[key_id] = f"the volume key is unusable: {exc}"
                     continue
-                self._dek, self._cipher = dek, cipher
+                self._dek, self._cipher, self._unlocked_by = dek, cipher, key_id
                 self._pending.clear()
                 self._set(State.ENCRYPTED, f"unlocked with key {key_id}")
                 break
@@ -321,6 +322,25 @@ class Volume:
             transition = self._transition(old, self._capacity)
         self._notify(transition)
         return self._state
+
+    def withdraw_key(self, key_id: str, reason: str) -> State:
+        """The KMS now refuses the key this volume was unlocked with (revoked or
+        destroyed while a cached copy served): forget the key, go to NO_KEY."""
+        with self._gate.exclusive(), self._lock:
+            if self._state != State.ENCRYPTED or self._unlocked_by != key_id:
+                return self._state
+            old = self._state
+            self._drop_key()
+            self._refused[key_id] = reason
+            self._set(State.NO_KEY, reason)
+            transition = self._transition(old, self._capacity)
+        self._notify(transition)
+        return self._state
+
+    @property
+    def unlocked_by(self) -> str | None:
+        """The key id whose KEK unlocked the volume (None when locked)."""
+        return self._unlocked_by
 
     def _settle_refusals(self) -> None:
         if not self._pending:
@@ -435,6 +455,7 @@ class Volume:
             self._drop_key()
             self._header, self._dek, self._seen_header = header, dek, True
             self._cipher = SectorCipher(dek, sector_size)
+            self._unlocked_by = binding.key_id
             self._pending.clear()
             self._refused.clear()
             self._set(State.ENCRYPTED, "encryption turned on")
