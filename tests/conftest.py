@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,30 @@ def small_evlu(kek: bytes) -> tuple[MemoryBackstore, fmt.Header, bytearray]:
     header, dek = fmt.create(dev, kek, fmt.Binding("k1", "default"),
                              data_offset=fmt.MIN_DATA_OFFSET)
     return dev, header, dek
+
+
+@pytest.fixture(scope="session")
+def kms(tmp_path_factory: pytest.TempPathFactory) -> Iterator["KmsEnv"]:
+    """One real embedded KMS for the session (gateways gw-a and gw-b enrolled)."""
+    from kmsenv import KmsEnv
+    env = KmsEnv(tmp_path_factory.mktemp("kms"))
+    env.start()
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
+@pytest.fixture
+def own_kms(tmp_path: Path) -> Iterator["KmsEnv"]:
+    """A real embedded KMS of the test's own, which the test may stop and restart."""
+    from kmsenv import KmsEnv
+    env = KmsEnv(tmp_path / "conf")
+    env.start()
+    try:
+        yield env
+    finally:
+        env.stop()
 
 
 #: lines for the terminal summary (e.g. how many crash cut points were exercised)

@@ -197,6 +197,16 @@ class KmipKeyManager:
             return str(uid)
         return self._call(op)
 
+    def find(self, label: str) -> list[str]:
+        """Ids of the KEKs provisioned for ``label`` (a volume UUID) that this gateway may see."""
+        enums = compat.load("kmip.core.enums")
+
+        def op(client: Any) -> list[str]:
+            name = client.attribute_factory.create_attribute(enums.AttributeType.NAME,
+                                                             f"{KEK_NAME_PREFIX}:{label}")
+            return [str(uid) for uid in client.locate(attributes=[name])]
+        return self._call(op)
+
     def _state(self, client: Any, key_id: str) -> str:
         _uid, attributes = client.get_attributes(key_id, ["State"])
         for attribute in attributes:
