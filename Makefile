@@ -17,6 +17,7 @@ test: deps
 
 bench: deps
 	$(PY) bench/xts.py
+	$(PY) bench/kms.py
 
 deps: system-deps $(STAMP)
 
