@@ -1,0 +1,242 @@
+"""The target_core_user command ring, sans-IO: parse entries, write completions.
+
+Layout (``include/uapi/linux/target_core_user.h``, native byte order): a
+128-byte mailbox at offset 0 (version u16 @0, flags u16 @2, cmdr_off u32 @4,
+cmdr_size u32 @8, cmd_head u32 @12 written by the kernel, cmd_tail u32 @64
+written by us), the command ring at ``cmdr_off``, the data area after it.
+
+Each entry starts with ``len_op`` (u32: length | op), ``cmd_id`` (u16),
+``kflags`` and ``uflags`` (u8).  A CMD request holds iov_cnt @8, cdb_off @24
+(from the start of the mapping) and 16-byte iovecs (offset, length) from @48;
+its response reuses the slot: scsi_status @8, read_len @12, sense[96] @16.
+The kernel pads to the ring's end rather than wrap an entry, and reads
+completions from its last position to ``cmd_tail``, skipping PAD and TMR
+entries and looking each CMD slot's ``cmd_id`` up.  With out-of-order
+completion (mailbox flag 0x1) a command is completed by writing its id and
+response into whatever CMD slot is at the tail.
+
+Everything a command needs (CDB, iovecs) is copied out at fetch time: a later
+completion may overwrite its slot.  Nothing outside the mapping, the ring or
+the data area is ever read or written, whatever the entries say.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from dataclasses import dataclass
+
+MAILBOX_SIZE = 128
+VERSION = 2
+FLAG_OOOC = 0x1  # out-of-order completion
+FLAG_READ_LEN = 0x2
+FLAG_TMR = 0x4
+OP_PAD, OP_CMD, OP_TMR = 0, 1, 2
+UFLAG_UNKNOWN_OP, UFLAG_READ_LEN = 0x1, 0x2
+ENTRY_SIZE = 112  # sizeof(struct tcmu_cmd_entry)
+HDR_SIZE = 8
+IOV_OFFSET = 48
+IOV_SIZE = 16
+SENSE_SIZE = 96
+MAX_CDB = 260  # SCSI allows up to 260-byte variable-length CDBs
+_ALIGN = 8
+
+if sys.byteorder != "little":  # pragma: no cover - the appliance is x86-64/arm64
+    raise ImportError("gateway.tcmu.ring assumes a little-endian host (the kernel's byte order)")
+
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+_MAILBOX = struct.Struct("<HHII")  # version, flags, cmdr_off, cmdr_size
+_HEAD_OFF, _TAIL_OFF = 12, 64
+_IOV = struct.Struct("<QQ")
+_REQ = struct.Struct("<III4xQ")  # iov_cnt, iov_bidi_cnt, iov_dif_cnt, pad, cdb_off
+_RSP = struct.Struct("<BxxxI")  # scsi_status, pads, read_len
+
+
+class RingError(Exception):
+    """The ring is inconsistent (a malformed entry): the device must be reset."""
+
+
+@dataclass(frozen=True)
+class Iovec:
+    """A piece of a command's data buffer: ``length`` bytes at ``offset`` in the mapping."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Command:
+    """A SCSI command taken off the ring (copied out: its slot may be reused)."""
+
+    cmd_id: int
+    cdb: bytes
+    iovecs: tuple[Iovec, ...]
+    problem: str = ""  # set when the entry was unusable: complete it with an error
+
+    @property
+    def length(self) -> int:
+        return sum(v.length for v in self.iovecs)
+
+
+@dataclass(frozen=True)
+class TaskManagement:
+    """A TMR entry (only with ``tmr_notification``): the kernel aborted or reset commands."""
+
+    tmr_type: int
+    cmd_ids: tuple[int, ...]
+
+
+_COMMAND_SIZE = (6, 10, 10, 12, 16, 12, 10, 10)  # the kernel's scsi_command_size_tbl
+
+
+def scsi_cdb_length(cdb_head: bytes | memoryview) -> int:
+    """The CDB length the kernel copies (``scsi_command_size``): by group code, or
+    8 + ADDITIONAL CDB LENGTH for a variable-length (0x7F) CDB."""
+    if cdb_head[0] == 0x7F and len(cdb_head) > 7:
+        return 8 + cdb_head[7]
+    return _COMMAND_SIZE[cdb_head[0] >> 5]
+
+
+class Ring:
+    """One device's mailbox, command ring and data area, over a writable buffer."""
+
+    def __init__(self, mem: memoryview | bytearray) -> None:
+        view = memoryview(mem).cast("B")
+        if len(view) < MAILBOX_SIZE:
+            raise RingError(f"mapping of {len(view)} bytes is smaller than the mailbox")
+        version, flags, cmdr_off, cmdr_size = _MAILBOX.unpack_from(view, 0)
+        if version != VERSION:
+            raise RingError(f"TCMU mailbox version {version}, expected {VERSION}")
+        if cmdr_off < MAILBOX_SIZE or cmdr_size < ENTRY_SIZE or cmdr_size % _ALIGN \
+                or cmdr_off + cmdr_size > len(view):
+            raise RingError(f"ring at {cmdr_off}+{cmdr_size} does not fit a {len(view)}-byte "
+                            "mapping")
+        self.mem = view
+        self.flags = flags
+        self.cmdr_off, self.cmdr_size = cmdr_off, cmdr_size
+        self.data_start, self.data_end = cmdr_off + cmdr_size, len(view)
+        self.ring = view[cmdr_off:cmdr_off + cmdr_size]
+        self.cursor = self.tail  # entries before it have been fetched
+        self._check_offset(self.cursor, "cmd_tail")
+
+    @property
+    def out_of_order(self) -> bool:
+        return bool(self.flags & FLAG_OOOC)
+
+    @property
+    def read_len_supported(self) -> bool:
+        return bool(self.flags & FLAG_READ_LEN)
+
+    @property
+    def head(self) -> int:
+        return int(_U32.unpack_from(self.mem, _HEAD_OFF)[0])
+
+    @property
+    def tail(self) -> int:
+        return int(_U32.unpack_from(self.mem, _TAIL_OFF)[0])
+
+    def _set_tail(self, value: int) -> None:
+        _U32.pack_into(self.mem, _TAIL_OFF, value)
+
+    def _check_offset(self, offset: int, what: str) -> None:
+        if offset >= self.cmdr_size or offset % _ALIGN:
+            raise RingError(f"{what} {offset} is not an entry offset in a {self.cmdr_size}-byte "
+                            "ring")
+
+    def _entry(self, offset: int) -> tuple[int, int]:
+        """(op, length) of the entry at ``offset``, checked to lie within the ring."""
+        if offset + HDR_SIZE > self.cmdr_size:
+            raise RingError(f"entry header at {offset} crosses the end of the ring")
+        len_op = _U32.unpack_from(self.ring, offset)[0]
+        op, length = len_op & 7, len_op & ~7
+        if length < HDR_SIZE or offset + length > self.cmdr_size:
+            raise RingError(f"entry at {offset} has bad length {length} (op {op})")
+        return op, length
+
+    # -- fetch ----------------------------------------------------------------
+
+    def fetch(self) -> list[Command | TaskManagement]:
+        """Take every entry between our cursor and the kernel's head."""
+        head = self.head
+        self._check_offset(head, "cmd_head")
+        out: list[Command | TaskManagement] = []
+        while self.cursor != head:
+            op, length = self._entry(self.cursor)
+            if op == OP_CMD:
+                out.append(self._command(self.cursor, length))
+            elif op == OP_TMR:
+                out.append(self._tmr(self.cursor, length))
+            elif op != OP_PAD:
+                self.ring[self.cursor + 7] |= UFLAG_UNKNOWN_OP
+            self.cursor = (self.cursor + length) % self.cmdr_size
+        return out
+
+    def _command(self, offset: int, length: int) -> Command:
+        cmd_id = _U16.unpack_from(self.ring, offset + 4)[0]
+        if length < ENTRY_SIZE:
+            raise RingError(f"CMD entry at {offset} shorter than {ENTRY_SIZE} bytes")
+        iov_cnt, bidi_cnt, dif_cnt, cdb_off = _REQ.unpack_from(self.ring, offset + HDR_SIZE)
+        count = iov_cnt + bidi_cnt + dif_cnt
+        if IOV_OFFSET + IOV_SIZE * count > length:
+            raise RingError(f"CMD entry at {offset}: {count} iovecs do not fit {length} bytes")
+        problems = []
+        iovecs = []
+        for i in range(iov_cnt):  # bidi and DIF iovecs follow; we use neither
+            base, iov_len = _IOV.unpack_from(self.ring, offset + IOV_OFFSET + IOV_SIZE * i)
+            if not (self.data_start <= base and base + iov_len <= self.data_end):
+                problems.append(f"iovec {i} ({base}+{iov_len}) outside the data area")
+            elif iov_len:
+                iovecs.append(Iovec(base, iov_len))
+        cdb = b""
+        ring_lo, ring_hi = self.cmdr_off, self.cmdr_off + self.cmdr_size
+        if not ring_lo <= cdb_off < ring_hi:
+            problems.append(f"CDB offset {cdb_off} outside the ring")
+        else:
+            cdb_len = min(scsi_cdb_length(self.mem[cdb_off:min(cdb_off + 8, ring_hi)]), MAX_CDB)
+            cdb = bytes(self.mem[cdb_off:min(cdb_off + cdb_len, ring_hi)])
+        if bidi_cnt or dif_cnt:
+            problems.append("bidirectional or DIF iovecs are not supported")
+        return Command(cmd_id, cdb, tuple(iovecs) if not problems else (), "; ".join(problems))
+
+    def _tmr(self, offset: int, length: int) -> TaskManagement:
+        tmr_type, cmd_cnt = _U32.unpack_from(self.ring, offset + 8)[0], \
+            _U32.unpack_from(self.ring, offset + 12)[0]
+        cmd_cnt = min(cmd_cnt, max(0, (length - 32) // 2))
+        ids = tuple(_U16.unpack_from(self.ring, offset + 32 + 2 * i)[0] for i in range(cmd_cnt))
+        return TaskManagement(tmr_type, ids)
+
+    # -- complete -------------------------------------------------------------
+
+    def complete(self, cmd_id: int, status: int, sense: bytes = b"",
+                 read_len: int | None = None) -> None:
+        """Write one completion into the CMD slot at the tail and advance the tail."""
+        tail = self.tail
+        while True:
+            if tail == self.cursor:
+                raise RingError("completion with no fetched command slot left at the tail")
+            op, length = self._entry(tail)
+            if op == OP_CMD:
+                break
+            tail = (tail + length) % self.cmdr_size  # the kernel skips PAD and TMR
+        slot = tail
+        _U16.pack_into(self.ring, slot + 4, cmd_id)
+        uflags = self.ring[slot + 7] & ~(UFLAG_READ_LEN | UFLAG_UNKNOWN_OP)
+        length_out = 0
+        if read_len is not None and self.read_len_supported:
+            uflags |= UFLAG_READ_LEN
+            length_out = read_len
+        self.ring[slot + 7] = uflags
+        _RSP.pack_into(self.ring, slot + HDR_SIZE, status & 0xFF, length_out)
+        sense = bytes(sense[:SENSE_SIZE])
+        self.ring[slot + 16:slot + 16 + SENSE_SIZE] = sense + bytes(SENSE_SIZE - len(sense))
+        self._set_tail((tail + length) % self.cmdr_size)
+
+    def skip_to_cursor(self) -> None:
+        """Advance the tail over PAD/TMR entries that precede no pending command."""
+        tail = self.tail
+        while tail != self.cursor:
+            op, length = self._entry(tail)
+            if op == OP_CMD:
+                break
+            tail = (tail + length) % self.cmdr_size
+        self._set_tail(tail)
