@@ -274,8 +274,9 @@ def test_unusable_command_gets_a_hardware_error_and_the_ring_goes_on() -> None:
         k.queue(rw10(0x2A, 0, 1), data_out=b"\x11" * 512)
         k.wait(5)
         k.reap()
-        k.queue(rw10(0x2A, 0, 1), data_out=b"\x22" * 512)
-        struct.pack_into("<QQ", k.mem, k.cmdr_off + 128 + r.IOV_OFFSET, 0, 512)  # -> mailbox
+        k.queue(rw10(0x2A, 0, 1), data_out=b"\x22" * 512,  # its iovec points at the mailbox
+                tamper=lambda mem, entry: struct.pack_into("<QQ", mem, entry + r.IOV_OFFSET,
+                                                           0, 512))
         k.queue(rw10(0x28, 0, 1), data_in_len=512)
         got: list[Completion] = []
         deadline = time.monotonic() + 5

@@ -26,6 +26,7 @@ import mmap
 import os
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import ring as r
@@ -137,8 +138,12 @@ class SimKernel:
                 return cmd_id
         raise RingFull("no free command id")
 
-    def queue(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> int:
-        """Queue one command; returns its cmd_id.  RingFull when it does not fit now."""
+    def queue(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0, *,
+              tamper: Callable[[memoryview, int], None] | None = None) -> int:
+        """Queue one command; returns its cmd_id.  RingFull when it does not fit now.
+
+        ``tamper(mem, entry_offset)`` may damage the entry before it is published
+        (tests of what a handler does with a malformed entry)."""
         length = max(len(data_out), data_in_len)
         nblocks = -(-length // BLOCK)
         if nblocks > len(self.free):
@@ -176,6 +181,8 @@ class SimKernel:
                          len(iovecs), 0, 0, entry + base)
         self.mem[entry + base:entry + base + cdb_len] = cdb
         self.inflight[cmd_id] = _Inflight(bytes(cdb), blocks, iovecs, data_in_len)
+        if tamper is not None:
+            tamper(self.mem, entry)
         self._set_head((self.head + size) % self.cmdr_size)
         os.eventfd_write(self.to_handler, 1)
         return cmd_id
