@@ -1,0 +1,116 @@
+"""TCM-USER netlink messages and uio discovery (sysfs and configfs laid out in a directory).
+
+The real TCM-USER family exists only where target_core_user is loaded (the
+appliance VM tier); here the codec is checked on kernel-format bytes and the
+listener's family resolution on the host kernel's own generic netlink.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from gateway.tcmu import netlink as nl
+from gateway.tcmu import uio
+from gateway.tcmu.simkernel import SimKernel
+
+
+def kernel_event(cmd: int, attrs: bytes, family: int = 0x1A) -> bytes:
+    """A message laid out as the kernel's genlmsg_multicast sends it."""
+    return nl.encode(family, cmd, attrs, version=2, flags=0)
+
+
+def test_added_event_is_parsed() -> None:
+    name = b"tcm-user/3/lun0/evlu//var/lib/evlu/lun0.img;plain\0"
+    data = kernel_event(nl.ADDED_DEVICE, nl.encode_attr(nl.ATTR_DEVICE, name)
+                        + nl.encode_attr(nl.ATTR_MINOR, struct.pack("=I", 7))
+                        + nl.encode_attr(nl.ATTR_DEVICE_ID, struct.pack("=I", 99)))
+    (msg,) = nl.parse(data)
+    assert nl.to_event(msg) == nl.Event("added", name[:-1].decode(), 7, device_id=99)
+
+
+def test_reconfig_events_carry_the_new_value() -> None:
+    dev = nl.encode_attr(nl.ATTR_DEVICE, b"tcm-user/0/x/evlu//a\0")
+    size = kernel_event(nl.RECONFIG_DEVICE, dev + nl.encode_attr(nl.ATTR_DEV_SIZE,
+                                                                   struct.pack("=Q", 1 << 30)))
+    cache = kernel_event(nl.RECONFIG_DEVICE, dev + nl.encode_attr(nl.ATTR_WRITECACHE, b"\1"))
+    (a,), (b,) = nl.parse(size), nl.parse(cache)
+    assert nl.to_event(a).dev_size == 1 << 30  # type: ignore[union-attr]
+    assert nl.to_event(b).writecache is True  # type: ignore[union-attr]
+
+
+def test_two_messages_in_one_datagram_and_garbage() -> None:
+    dev = nl.encode_attr(nl.ATTR_DEVICE, b"tcm-user/0/x/evlu//a\0")
+    data = kernel_event(nl.ADDED_DEVICE, dev) + kernel_event(nl.REMOVED_DEVICE, dev)
+    assert [nl.to_event(m).kind for m in nl.parse(data)] == ["added", "removed"]  # type: ignore
+    assert nl.parse(b"\xff" * 7) == []
+    assert nl.parse(struct.pack("=IHHII", 1000, 0x1A, 0, 0, 0) + bytes(20)) == []
+    assert nl.to_event(nl.Message(0x1A, 99, {})) is None
+    # A truncated attribute stops parsing instead of reading past the message.
+    assert nl.parse_attrs(struct.pack("=HH", 200, 1) + b"abc") == {}
+
+
+def test_family_answer_with_groups() -> None:
+    group = nl.encode_attr(nl.CTRL_ATTR_MCAST_GRP_NAME, b"config\0") + \
+        nl.encode_attr(nl.CTRL_ATTR_MCAST_GRP_ID, struct.pack("=I", 12))
+    attrs = nl.encode_attr(nl.CTRL_ATTR_FAMILY_ID, struct.pack("=H", 0x1A)) + \
+        nl.encode_attr(nl.CTRL_ATTR_MCAST_GROUPS, nl.encode_attr(1, group))
+    (msg,) = nl.parse(nl.encode(nl.GENL_ID_CTRL, 1, attrs))
+    assert nl.family_info(msg) == (0x1A, {"config": 12})
+
+
+def test_resolution_against_the_host_kernel() -> None:
+    listener = nl.NetlinkListener.__new__(nl.NetlinkListener)
+    import socket
+    listener.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_GENERIC)
+    try:
+        listener.sock.bind((0, 0))
+        family, groups = listener.resolve("nlctrl")
+        assert family == nl.GENL_ID_CTRL and "notify" in groups
+    finally:
+        listener.sock.close()
+    if not Path("/sys/module/target_core_user").exists():
+        with pytest.raises(nl.NetlinkError, match="target_core_user"):
+            nl.NetlinkListener()
+
+
+def make_uio(root: Path, minor: int, name: str, size: int) -> None:
+    d = root / f"uio{minor}"
+    (d / "maps" / "map0").mkdir(parents=True)
+    (d / "name").write_text(name + "\n")
+    (d / "maps" / "map0" / "size").write_text(f"0x{size:016x}\n")
+
+
+def test_scan_finds_our_devices_only(tmp_path: Path) -> None:
+    make_uio(tmp_path, 0, "tcm-user/1/lun0/evlu//srv/a.img", 0x40800000)
+    make_uio(tmp_path, 1, "tcm-user/1/qcow0/qcow//srv/b.qcow2", 0x40800000)
+    make_uio(tmp_path, 2, "uio_pci_generic", 4096)
+    make_uio(tmp_path, 3, "tcm-user/2/lun1/evlu//srv/c.img;plain", 0x1000)
+    found = uio.scan("evlu", tmp_path)
+    assert [(d.minor, d.hba, d.so_name, d.cfgstring, d.map_size) for d in found] == [
+        (0, 1, "lun0", "/srv/a.img", 0x40800000), (3, 2, "lun1", "/srv/c.img;plain", 0x1000)]
+    assert found[0].configfs(Path("/cfg")) == Path("/cfg/user_1/lun0")
+    assert uio.scan("evlu", tmp_path / "missing") == []
+
+
+def test_mapping_and_ring_recovery(tmp_path: Path) -> None:
+    k = SimKernel(cmdr_size=4096, data_size=64 << 10)
+    try:
+        device = uio.UioDevice(0, 1, "lun0", "evlu", "/srv/a.img", k.size)
+        mapping = uio.Mapping(device, Path(f"/proc/self/fd/{k.memfd}"))
+        configfs = tmp_path / "core"
+        action = device.configfs(configfs) / "action"
+        action.mkdir(parents=True)
+        try:
+            assert not uio.recover(device, mapping, configfs)  # idle ring: nothing to do
+            k.queue(bytes([0x00] * 6))  # a command the dead handler never completed
+            assert uio.recover(device, mapping, configfs)
+            assert (action / "block_dev").read_text() == "0"
+            assert (action / "reset_ring").read_text() == "1"
+        finally:
+            mapping.close()
+    finally:
+        k.close()
