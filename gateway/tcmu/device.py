@@ -18,13 +18,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from ..scsi.sense import HARDWARE_FAILURE
 from .doorbell import EventfdDoorbell, UioDoorbell
 from .ordering import Access, access
 from .ring import Command, Ring, RingError, TaskManagement
 from .transfer import IovecTransfer
 
 _log = logging.getLogger(__name__)
-CHECK_CONDITION = 0x02
 
 
 class Reply(Protocol):
@@ -37,14 +37,6 @@ class Executor(Protocol):
     """A logical unit: runs one CDB against a transfer (thread-safe, never raises)."""
 
     def execute(self, cdb: bytes, xfer: IovecTransfer) -> Reply: ...
-
-
-class _Failed:
-    """CHECK CONDITION, HARDWARE ERROR, 44/00 INTERNAL TARGET FAILURE."""
-
-    status = CHECK_CONDITION
-    sense = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 0x0A, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
-    data_in_len = 0
 
 
 class RingDevice:
@@ -119,7 +111,7 @@ class RingDevice:
             if item.problem:
                 _log.error("TCMU device %s: command %d unusable: %s", self.name, item.cmd_id,
                            item.problem)
-                self._finished.append((item, _Failed()))
+                self._finished.append((item, HARDWARE_FAILURE))
                 continue
             span = access(item.cdb)
             if span is not None and (self._blocked(span) or
@@ -144,7 +136,7 @@ class RingDevice:
                 xfer.zero_from(reply.data_in_len)
         except Exception:  # noqa: BLE001 - a command never takes the device down
             _log.exception("TCMU device %s: command %d failed", self.name, cmd.cmd_id)
-            reply = _Failed()
+            reply = HARDWARE_FAILURE
         self._finished.append((cmd, reply))
         os.eventfd_write(self._wake, 1)
 
