@@ -234,11 +234,8 @@ class SimKernel:
             status, read_len = struct.unpack_from("<BxxxI", self.mem, entry + 8)
             sense = bytes(self.mem[entry + 16:entry + 16 + r.SENSE_SIZE])
             valid_len: int | None = None
-            if uflags & r.UFLAG_READ_LEN:
-                if read_len > cmd.data_in_len:
-                    raise RingBroken(f"cmd_id {cmd_id}: read_len {read_len} > "
-                                     f"{cmd.data_in_len}")
-                valid_len = read_len
+            if uflags & r.UFLAG_READ_LEN and cmd.data_in_len:  # only data-in commands use it
+                valid_len = min(read_len, cmd.data_in_len)  # the kernel caps it, too
             want = cmd.data_in_len if valid_len is None else valid_len
             data = bytearray()
             for base_off, iov_len in cmd.iovecs:
