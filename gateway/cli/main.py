@@ -29,8 +29,10 @@ from .. import __version__
 from .. import format as fmt
 from ..backstore import Backstore, BackstoreError, open_backstore
 from ..kms import KmsConfigError, KmsError, KmsUnreachableError
+from ..tcmu.dbus_service import DbusError
+from ..tcmu.netlink import NetlinkError
 from ..volume import OperationRefusedError, State, Volume, VolumeError, wipe_data_area
-from . import kms_cmds
+from . import kms_cmds, tcmu_cmds
 from .keys import EXIT_KMS_REFUSED, EXIT_KMS_UNREACHABLE, KmsRefusal, KmsSession
 from .progress import Progress
 from .sizes import parse_size
@@ -707,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm", action="store_true", help="required: yes, destroy the data")
 
     kms_cmds.add_parser(sub, common)
+    tcmu_cmds.add_parser(sub, common)
     return parser
 
 
@@ -718,6 +721,7 @@ _EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
     (fmt.HeaderExistsError, EXIT_REFUSED), (fmt.NoHeaderError, EXIT_NO_HEADER),
     (fmt.LayoutError, EXIT_USAGE), (fmt.FormatError, EXIT_UNUSABLE),
     (BackstoreError, EXIT_ERROR), (VolumeError, EXIT_ERROR),
+    (NetlinkError, EXIT_ERROR), (DbusError, EXIT_ERROR),
 )
 
 

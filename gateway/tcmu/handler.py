@@ -1,0 +1,189 @@
+"""The ``user:evlu`` handler: every TCMU device of the subtype, served from its eVLU.
+
+On start it serves the devices that already exist (recovering rings a
+previous handler left behind), then follows TCM-USER netlink events: a new
+device is attached (backing store from the cfgstring, volume keyed through
+the key source, SCSI logical unit, ring device), a removed one detached, a
+reconfigured one rescanned.  Everything LIO knows about a device that the
+logical unit needs (unit serial, max sectors, block size, write cache) is
+read from its configfs directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..backstore import BackstoreError, open_backstore
+from ..scsi import Identity, Limits, LogicalUnit
+from ..volume import KeySource, Volume
+from . import cfgstring
+from .device import RingDevice
+from .doorbell import UioDoorbell
+from .netlink import Event, NetlinkListener
+from .ring import RingError
+from .uio import CONFIGFS_CORE, SYSFS_UIO, Mapping, UioDevice, parse_name, read_device, \
+    recover, scan
+
+_log = logging.getLogger(__name__)
+SERIAL_PREFIX = "T10 VPD Unit Serial Number:"
+
+
+@dataclass
+class Served:
+    """One device being served."""
+
+    device: UioDevice
+    volume: Volume
+    mapping: Mapping
+    ring: RingDevice
+
+
+def _attr(path: Path, default: str = "") -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return default
+
+
+def identity_of(device: UioDevice, volume: Volume, configfs: Path) -> Identity:
+    """The unit serial LIO assigned (wwn/vpd_unit_serial), else the volume UUID."""
+    serial = _attr(device.configfs(configfs) / "wwn" / "vpd_unit_serial")
+    if serial.startswith(SERIAL_PREFIX):
+        serial = serial[len(SERIAL_PREFIX):].strip()
+    if not serial and volume.header is not None:
+        serial = volume.header.uuid
+    return Identity(serial=serial)
+
+
+def limits_of(device: UioDevice, volume: Volume, configfs: Path, data_area: int) -> Limits:
+    """Transfer limits within hw_max_sectors and the ring's data area."""
+    attrib = device.configfs(configfs) / "attrib"
+    block = volume.block_size
+    hw_block = int(_attr(attrib / "hw_block_size", str(block)) or block)
+    hw_max = int(_attr(attrib / "hw_max_sectors", "128") or 128) * hw_block // block
+    max_blocks = max(1, min(hw_max, data_area // block))
+    cache = _attr(attrib / "emulate_write_cache", "1") != "0"
+    return Limits(max_transfer_blocks=max_blocks, optimal_transfer_blocks=max_blocks,
+                  max_write_same_blocks=0xFFFFFFFF, write_cache=cache)
+
+
+class Handler:
+    """Serves every ``user:evlu`` device of this host."""
+
+    def __init__(self, key_source: KeySource | None, *, workers: int = 4,
+                 sysfs: Path = SYSFS_UIO, configfs: Path = CONFIGFS_CORE) -> None:
+        self.key_source = key_source
+        self.workers = workers
+        self.sysfs, self.configfs = sysfs, configfs
+        self.served: dict[str, Served] = {}  # by uio name
+        self._lock = threading.Lock()
+        self._listener: NetlinkListener | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self, *, listen: bool = True) -> Handler:
+        """Serve existing devices, then (``listen``) follow netlink events in a thread."""
+        if listen:
+            self._listener = NetlinkListener()
+        for device in scan(cfgstring.SUBTYPE, self.sysfs):
+            self.attach(device)
+        if self._listener is not None:
+            self._thread = threading.Thread(target=self._listen, name="tcmu-netlink",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._listener is not None:
+            self._listener.close()
+        for name in list(self.served):
+            self.detach(name)
+
+    @staticmethod
+    def _name(device: UioDevice) -> str:
+        return f"tcm-user/{device.hba}/{device.so_name}/{device.subtype}/{device.cfgstring}"
+
+    def attach(self, device: UioDevice) -> Served | None:
+        """Serve ``device``; None (logged) when it cannot be served."""
+        name = self._name(device)
+        with self._lock:
+            if name in self.served:
+                return self.served[name]
+            try:
+                config = cfgstring.parse(device.cfgstring)
+                backstore = open_backstore(config.path)
+            except (ValueError, BackstoreError) as exc:
+                _log.error("%s: cannot serve %r: %s", device.so_name, device.cfgstring, exc)
+                return None
+            volume = Volume.open(backstore, key_source=self.key_source,
+                                 allow_plain=config.allow_plain, name=device.so_name)
+            mapping = Mapping(device)
+            try:
+                if recover(device, mapping, self.configfs):
+                    _log.warning("%s: ring reset (commands of a previous handler were "
+                                 "failed back to the initiators)", device.so_name)
+                ring_size = int.from_bytes(mapping.mem[8:12], "little")
+                data_area = device.map_size - 128 - ring_size
+                lu = LogicalUnit(volume, identity_of(device, volume, self.configfs),
+                                 limits_of(device, volume, self.configfs, data_area))
+                ring = RingDevice(mapping.mem, UioDoorbell(mapping.fd), lu,
+                                  workers=self.workers, name=device.so_name).start()
+            except (RingError, OSError, ValueError) as exc:
+                _log.error("%s: cannot serve: %s", device.so_name, exc)
+                mapping.close()
+                volume.close()
+                return None
+            served = self.served[name] = Served(device, volume, mapping, ring)
+            _log.info("%s: serving %s (%s)", device.so_name, config.path, volume.state.value)
+            return served
+
+    def detach(self, name: str) -> None:
+        with self._lock:
+            served = self.served.pop(name, None)
+        if served is None:
+            return
+        served.ring.stop()
+        served.mapping.close()
+        served.volume.close()
+        _log.info("%s: detached", served.device.so_name)
+
+    def _listen(self) -> None:
+        assert self._listener is not None
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(500):
+                self._reap_gone()
+                continue
+            for event in self._listener.events():
+                self.handle(event)
+
+    def handle(self, event: Event) -> None:
+        """Apply one netlink event."""
+        parsed = parse_name(event.device)
+        if parsed is None or parsed[2] != cfgstring.SUBTYPE:
+            return
+        if event.kind == "added" and event.minor is not None:
+            device = read_device(self.sysfs / f"uio{event.minor}")
+            if device is not None:
+                self.attach(device)
+        elif event.kind == "removed":
+            self.detach(event.device)
+        elif event.kind == "reconfig":
+            served = self.served.get(event.device)
+            if served is not None:
+                transition = served.volume.rescan()
+                _log.info("%s: reconfigured (%s)", served.device.so_name, transition or
+                          "no change")
+
+    def _reap_gone(self) -> None:
+        for name, served in list(self.served.items()):
+            if served.ring.gone:
+                self.detach(name)
