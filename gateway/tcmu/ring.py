@@ -212,7 +212,7 @@ class Ring:
         """Write one completion into the CMD slot at the tail and advance the tail."""
         tail = self.tail
         while True:
-            if tail == self.cursor:
+            if tail == self.cursor:  # checked at every step: never write an unfetched entry
                 raise RingError("completion with no fetched command slot left at the tail")
             op, length = self._entry(tail)
             if op == OP_CMD:

@@ -17,11 +17,13 @@ the handler's ring code can be driven and checked without LIO:
 
 The mapping is a memfd the handler maps by itself, the wake-ups are eventfds.
 Unallocated data blocks hold a canary, checked on every reap, so a handler
-writing outside its iovecs is caught.
+writing outside its iovecs is caught (``canaries=False`` skips that for
+benchmarks).
 """
 
 from __future__ import annotations
 
+import heapq
 import mmap
 import os
 import random
@@ -82,7 +84,7 @@ class SimKernel:
 
     def __init__(self, cmdr_size: int = 1 << 20, data_size: int = 16 << 20, *,
                  flags: int = r.FLAG_OOOC | r.FLAG_READ_LEN,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, canaries: bool = True) -> None:
         if cmdr_size % 8 or data_size % BLOCK:
             raise ValueError("cmdr_size must be a multiple of 8, data_size of 4096")
         self.cmdr_off, self.cmdr_size = r.MAILBOX_SIZE, cmdr_size
@@ -95,7 +97,9 @@ class SimKernel:
         struct.pack_into("<HHII", self.mem, 0, r.VERSION, flags, self.cmdr_off, cmdr_size)
         self.nblocks = data_size // BLOCK
         self.free = set(range(self.nblocks))
-        for dbi in self.free:
+        self._lowest = list(range(self.nblocks))  # heap of free blocks: lowest first
+        self.canaries = canaries  # off for benchmarks: checking costs a pass over the data area
+        for dbi in self.free if canaries else ():
             self._block(dbi)[:] = _CANARY
         self.rng = rng  # None: lowest free blocks first, as the kernel does
         self.head = 0
@@ -158,8 +162,12 @@ class SimKernel:
         if self._space() < needed:
             raise RingFull("ring full")
         cmd_id = self._alloc_id()
-        blocks = sorted(self.free)[:nblocks] if self.rng is None else \
-            self.rng.sample(sorted(self.free), nblocks)
+        if self.rng is None:
+            blocks = [heapq.heappop(self._lowest) for _ in range(nblocks)]
+        else:
+            blocks = self.rng.sample(sorted(self.free), nblocks)
+            self._lowest = [b for b in self._lowest if b not in set(blocks)]
+            heapq.heapify(self._lowest)
         self.free.difference_update(blocks)
         if to_end < size:  # PAD to the end of the ring
             struct.pack_into("<IHBB", self.mem, self.cmdr_off + self.head, to_end | r.OP_PAD,
@@ -243,12 +251,15 @@ class SimKernel:
                 if n <= 0:
                     break
                 data += self.mem[base_off:base_off + n]
-            for dbi in cmd.blocks:
+            for dbi in cmd.blocks if self.canaries else ():
                 self._block(dbi)[:] = _CANARY
             self.free.update(cmd.blocks)
+            for dbi in cmd.blocks:
+                heapq.heappush(self._lowest, dbi)
             done.append(Completion(cmd_id, status, sense, bytes(data), valid_len))
             self.last_cleaned = (self.last_cleaned + size) % self.cmdr_size
-        self.check_canaries()
+        if self.canaries:
+            self.check_canaries()
         return done
 
     def check_canaries(self) -> None:
