@@ -68,7 +68,7 @@ def producer(k: SimKernel, write: bool, size: int, depth: int, randomly: bool, s
             except RingFull:
                 break
         k.wait(0.5)
-        for c in k.reap():
+        for c in k.reap(collect=False):
             if c.status:
                 os.write(out_fd, f"error {c.status} {c.sense[:18].hex()}".encode())
                 os._exit(1)

@@ -51,7 +51,10 @@ class RingDevice:
         self.doorbell = doorbell
         self.lu = lu
         self.name = name
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"tcmu-{name or 'dev'}")
+        # workers=0 runs every command in the ring thread (no hand-offs; for page-cache
+        # or memory backstores where a command never waits long)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"tcmu-{name or 'dev'}") \
+            if workers else None
         self._finished: collections.deque[tuple[Command, Reply]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._running: dict[int, Access | None] = {}
@@ -99,7 +102,8 @@ class RingDevice:
             _log.exception("TCMU device %s: ring broken; stopping (the device needs a reset)",
                            self.name)
         finally:
-            self._pool.shutdown(wait=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def _fetch(self) -> None:
         for item in self.ring.fetch():
@@ -126,7 +130,10 @@ class RingDevice:
 
     def _launch(self, cmd: Command, span: Access | None) -> None:
         self._running[cmd.cmd_id] = span
-        self._pool.submit(self._work, cmd)
+        if self._pool is None:
+            self._work(cmd)
+        else:
+            self._pool.submit(self._work, cmd)
 
     def _work(self, cmd: Command) -> None:
         xfer = IovecTransfer(self.mem, cmd.iovecs)
@@ -138,7 +145,8 @@ class RingDevice:
             _log.exception("TCMU device %s: command %d failed", self.name, cmd.cmd_id)
             reply = HARDWARE_FAILURE
         self._finished.append((cmd, reply))
-        os.eventfd_write(self._wake, 1)
+        if self._pool is not None:
+            os.eventfd_write(self._wake, 1)
 
     def _complete(self) -> None:
         count = 0
