@@ -1,19 +1,37 @@
 # evlu-gateway — the two commands of the README:
 #   make run    the main job (for now: the native eVLU demo)
-#   make test   install what the tests need (idempotent) and run them all
+#   make test   install what the tests need (idempotent) and run them all:
+#               the native tier, then the appliance VM tier (QEMU)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux e2fsprogs
+APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux e2fsprogs \
+                mmdebstrap qemu-system-x86 qemu-utils qemu-block-extra libiscsi-bin \
+                dbus-daemon python3-dbus
 
-.PHONY: run test deps system-deps bench clean
+.PHONY: run test test-native test-vm appliance deps system-deps bench clean
 
 run: deps
 	$(PY) -m gateway.demo
 
+# The VM tier builds the appliance image first when its inputs changed (cached
+# outside the clone, see appliance/image.py), boots it under QEMU, powers it off.
+NATIVE_TESTS := $(PY) -m pytest -m 'not vm'
+VM_TESTS     := $(PY) -m pytest -m vm tests/vm
+
 test: deps
-	$(PY) -m pytest
+	$(NATIVE_TESTS)
+	$(VM_TESTS)
+
+test-native: deps
+	$(NATIVE_TESTS)
+
+test-vm: deps
+	$(VM_TESTS)
+
+appliance: deps
+	$(PY) appliance/build
 
 bench: deps
 	$(PY) bench/xts.py
@@ -31,7 +49,9 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@command -v cryptsetup >/dev/null || { echo "cryptsetup not found after install" >&2; exit 1; }
+	@for c in cryptsetup mmdebstrap qemu-system-x86_64 qemu-io iscsi-inq; do \
+	  command -v $$c >/dev/null || { echo "$$c not found after install" >&2; exit 1; }; \
+	done
 
 # The venv is rebuilt when the dependency declarations change.
 $(STAMP): setup.cfg pyproject.toml
