@@ -67,8 +67,10 @@ def limits_of(device: UioDevice, volume: Volume, configfs: Path, data_area: int)
     hw_max = int(_attr(attrib / "hw_max_sectors", "128") or 128) * hw_block // block
     max_blocks = max(1, min(hw_max, data_area // block))
     cache = _attr(attrib / "emulate_write_cache", "1") != "0"
+    # WRITE SAME is limited like a transfer: initiators (libiscsi's tests among them)
+    # write MAXIMUM WRITE SAME LENGTH blocks with ordinary WRITEs too.
     return Limits(max_transfer_blocks=max_blocks, optimal_transfer_blocks=max_blocks,
-                  max_write_same_blocks=0xFFFFFFFF, write_cache=cache)
+                  max_write_same_blocks=max_blocks, write_cache=cache)
 
 
 class Handler:

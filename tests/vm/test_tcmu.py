@@ -1,0 +1,224 @@
+"""The user:evlu TCMU handler on the real kernel, reached by real initiators.
+
+In the appliance: the embedded KMS (``evlu kms init/enroll``, its systemd
+unit), eVLUs formatted through it, ``evlu tcmu serve`` as a transient systemd
+unit, and ``user:evlu`` backstores behind an iSCSI target made with rtslib-fb.
+From the host, through the forwarded port: libiscsi and QEMU's libiscsi
+driver.  In the guest: dm-crypt (``cryptsetup open``) over the same backing
+file, and open-iscsi + sg3_utils for sense data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPORT
+
+from appliance.vm import Appliance
+
+from . import iscsi_test_cu
+from .test_smoke import BASELINE, host
+
+pytestmark = pytest.mark.vm
+
+MIB = 1 << 20
+GUEST_SCRIPT = Path(__file__).resolve().parent / "guest" / "evlu_target.py"
+ENV = "set -e; . /etc/default/evlu-gateway; export PATH PYTHONPATH PYTHONDONTWRITEBYTECODE; "
+LUNDIR = "/var/lib/evlu"
+
+
+def sh(vm: Appliance, script: str, timeout: float = 180) -> str:
+    return vm.agent.run(ENV + script, timeout=timeout).text
+
+
+def url(vm: Appliance, iqn: str, lun: int) -> str:
+    return f"iscsi://127.0.0.1:{vm.ports['iscsi']}/{iqn}/{lun}"
+
+
+def opts(vm: Appliance, iqn: str, lun: int, offset: int, size: int) -> str:
+    return (f"driver=raw,offset={offset},size={size},file.driver=iscsi,file.transport=tcp,"
+            f"file.portal=127.0.0.1:{vm.ports['iscsi']},file.target={iqn},file.lun={lun}")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def served(appliance: Appliance) -> Iterator[dict]:
+    """KMS up, three eVLUs (ok, shredded key, waiting for the KMS), the handler serving them."""
+    start = time.monotonic()
+    sh(appliance, f"""
+        mkdir -p {LUNDIR}
+        evlu kms init >/dev/null && evlu kms enroll appliance >/dev/null
+        systemctl start evlu-kms
+        for i in $(seq 120); do evlu kms status >/dev/null 2>&1 && break; sleep 1; done
+        evlu kms status
+        for n in 0 1 2; do truncate -s 64M {LUNDIR}/lun$n.img; done
+        for n in 0 1 2; do evlu format {LUNDIR}/lun$n.img --kms -q --yes >/dev/null; done
+        evlu shred {LUNDIR}/lun1.img --yes >/dev/null
+        systemd-run --unit=evlu-tcmu-test -p EnvironmentFile=/etc/default/evlu-gateway \\
+            /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus off
+        for i in $(seq 120); do
+            journalctl -u evlu-tcmu-test | grep -q "serving user:evlu" && break; sleep 1
+        done
+    """, timeout=400)
+    summary = json.loads(appliance.agent.run(
+        ["python3", "-", "create", f"lun0={LUNDIR}/lun0.img", f"lun1={LUNDIR}/lun1.img"],
+        stdin=GUEST_SCRIPT.read_bytes(), timeout=180).stdout)
+    # The handler looks the key up when the device appears: NOT READY until then.
+    lun0 = url(appliance, summary["iqn"], summary["luns"]["lun0"]["lun"])
+    deadline = time.monotonic() + 120
+    while subprocess.run(["iscsi-inq", lun0], capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, "lun0 never became ready"
+        time.sleep(2)
+    REPORT.append(f"user:evlu LUNs served in the appliance {time.monotonic() - start:.0f} s "
+                  f"after setup began (KMS, 3 formats, shred, handler, rtslib)")
+    yield summary
+    appliance.agent.run(["systemctl", "stop", "evlu-tcmu-test"], check=False)
+
+
+def test_inquiry_and_capacity_are_the_evlus(appliance: Appliance, served: dict) -> None:
+    lun0 = served["luns"]["lun0"]
+    inquiry = host("iscsi-inq", url(appliance, served["iqn"], lun0["lun"]))
+    assert "Vendor:EVLU" in inquiry and "Peripheral Device Type:DIRECT_ACCESS" in inquiry
+    capacity = host("iscsi-readcapacity16", url(appliance, served["iqn"], lun0["lun"]))
+    assert f"Total size:{lun0['size']}" in capacity  # the data segment, not the file
+    assert lun0["size"] == 64 * MIB - 16 * MIB
+
+
+def test_data_round_trips_and_dm_crypt_reads_the_same(appliance: Appliance, served: dict,
+                                                      tmp_path: Path) -> None:
+    iqn, lun0 = served["iqn"], served["luns"]["lun0"]
+    pieces = [(0, 4096), (MIB + 512, 65536 + 1024), (5 * MIB, MIB), (40 * MIB - 512, 8192)]
+    written = {}
+    for offset, size in pieces:
+        data = os.urandom(size)
+        (tmp_path / "piece").write_bytes(data)
+        host("qemu-io", "-f", "raw", "-c", f"write -s {tmp_path / 'piece'} {offset} {size}",
+             url(appliance, iqn, lun0["lun"]))
+        written[offset] = data
+    for offset, data in written.items():
+        out = tmp_path / f"back{offset}"
+        host("qemu-img", "convert", "-O", "raw", "--image-opts",
+             opts(appliance, iqn, lun0["lun"], offset, len(data)), str(out))
+        assert sha(out.read_bytes()) == sha(data), f"read back at {offset}"
+    # The backing file holds none of it in clear.
+    needles = ",".join(f"'{data[:64].hex()}'" for data in written.values())
+    found = sh(appliance, f"""python3 -c "
+raw = open('{lun0['path']}', 'rb').read()
+print(sum(raw.count(bytes.fromhex(h)) for h in [{needles}]))" """)
+    assert found.strip() == "0"
+    # dm-crypt opens the same file with the KEK and shows exactly what the initiator wrote.
+    sh(appliance, f"""python3 -c "
+from gateway.kms import Config
+from gateway.kms.kmip_client import KmipKeyManager
+from gateway import format as fmt
+from gateway.backstore import open_backstore
+dev = open_backstore('{lun0['path']}', readonly=True)
+token = fmt.read(dev).header.metadata.evlu_tokens()[0]
+c = Config()
+kek = KmipKeyManager(c.profile(), c.identity()).fetch(token.key_id)
+import os
+fd = os.open('/run/evlu-test.kek', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.write(fd, bytes(kek)); os.close(fd)"
+        cryptsetup open --type luks2 --readonly --key-file /run/evlu-test.kek {lun0['path']} evlu-test
+        rm -f /run/evlu-test.kek""")
+    try:
+        for offset, data in written.items():
+            got = appliance.agent.run(["dd", "if=/dev/mapper/evlu-test", "bs=512",
+                                       f"skip={offset // 512}", f"count={len(data) // 512}",
+                                       "iflag=direct", "status=none"]).stdout
+            assert sha(got) == sha(data), f"dm-crypt sees other data at {offset}"
+    finally:
+        appliance.agent.run(["cryptsetup", "close", "evlu-test"], check=False)
+
+
+@pytest.fixture(scope="module")
+def guest_scsi(appliance: Appliance, served: dict) -> Iterator[dict[int, str]]:
+    """The target's LUNs as /dev/sgN in the guest (open-iscsi over loopback)."""
+    portal = "127.0.0.1:3260"
+    node = ["iscsiadm", "-m", "node", "-T", served["iqn"], "-p", portal]
+    sh(appliance, "modprobe iscsi_tcp sg; mkdir -p /run/lock/iscsi; systemctl start iscsid")
+    appliance.agent.run(["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal])
+    appliance.agent.run(node + ["--login"])
+    try:
+        appliance.agent.run(["udevadm", "settle"])
+        devices = {}
+        for info in served["luns"].values():
+            link = f"/dev/disk/by-path/ip-{portal}-iscsi-{served['iqn']}-lun-{info['lun']}"
+            disk = appliance.agent.run(["readlink", "-e", link]).text.strip()
+            devices[info["lun"]] = disk
+        yield devices
+    finally:
+        appliance.agent.run(node + ["--logout"], check=False)
+
+
+def test_refused_key_is_data_protect_and_writes_nothing(appliance: Appliance, served: dict,
+                                                        guest_scsi: dict[int, str]) -> None:
+    lun1 = served["luns"]["lun1"]
+    disk = guest_scsi[lun1["lun"]]
+    before = sh(appliance, f"sha256sum {lun1['path']}")
+    tur = appliance.agent.run(["sg_turs", "-v", disk], check=False)
+    assert tur.rc != 0 and "data protect" in (tur.text + tur.stderr.decode()).lower()
+    write = appliance.agent.run(["dd", "if=/dev/zero", f"of={disk}", "bs=4096", "count=1",
+                                 "oflag=direct"], check=False)
+    assert write.rc != 0
+    assert sh(appliance, f"sha256sum {lun1['path']}") == before
+
+
+def test_waiting_for_the_kms_is_not_ready_then_ready(appliance: Appliance, served: dict,
+                                                     guest_scsi: dict[int, str]) -> None:
+    sh(appliance, "systemctl stop evlu-kms")
+    try:
+        summary = json.loads(appliance.agent.run(
+            ["python3", "-", "create", f"lun2={LUNDIR}/lun2.img"],
+            stdin=GUEST_SCRIPT.read_bytes(), timeout=180).stdout)
+        lun = summary["luns"]["lun2"]["lun"]
+        sh(appliance, f"iscsiadm -m session --rescan; udevadm settle")
+        portal = "127.0.0.1:3260"
+        link = f"/dev/disk/by-path/ip-{portal}-iscsi-{served['iqn']}-lun-{lun}"
+        disk = None
+        for _ in range(30):
+            found = appliance.agent.run(["readlink", "-e", link], check=False)
+            if found.rc == 0:
+                disk = found.text.strip()
+                break
+            time.sleep(1)
+        assert disk, "lun2 did not appear in the guest"
+        tur = appliance.agent.run(["sg_turs", "-v", disk], check=False)
+        assert tur.rc != 0 and "becoming ready" in (tur.text + tur.stderr.decode()).lower()
+    finally:
+        sh(appliance, "systemctl start evlu-kms")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        tur = appliance.agent.run(["sg_turs", disk], check=False)
+        if tur.rc == 0:
+            break
+        time.sleep(1)
+    assert tur.rc == 0, tur.text + tur.stderr.decode()
+
+
+def test_iscsi_test_cu_at_least_what_fileio_passes(appliance: Appliance, served: dict,
+                                                   tmp_path: Path) -> None:
+    lun0 = served["luns"]["lun0"]
+    results = iscsi_test_cu.run(url(appliance, served["iqn"], lun0["lun"]), tmp_path)
+    baseline = json.loads(BASELINE.read_text())["suites"]
+    table = ["| suite | fileio pass/fail | user:evlu pass/fail |", "|---|---|---|"]
+    worse = {}
+    for name in iscsi_test_cu.SUITES:
+        ours, base = results[name], baseline[name]
+        table.append(f"| {name} | {base['pass']}/{base['fail']} | "
+                     f"{len(ours.passed)}/{len(ours.failed)} |")
+        missing = sorted(set(ours.failed) - set(base["failed"]))
+        if missing:
+            worse[name] = missing
+    REPORT.append("iscsi-test-cu, user:evlu vs LIO fileio:\n" + "\n".join(table))
+    assert not worse, f"user:evlu fails tests LIO fileio passes: {worse}"
