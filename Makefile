@@ -36,6 +36,7 @@ appliance: deps
 bench: deps
 	$(PY) bench/xts.py
 	$(PY) bench/kms.py
+	$(PY) bench/tcmu.py
 
 deps: system-deps $(STAMP)
 
