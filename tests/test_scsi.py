@@ -7,6 +7,7 @@ import sys
 import threading
 
 import pytest
+from keysources import SyncSource
 
 from gateway import format as fmt
 from gateway.backstore import BackstoreIOError, MemoryBackstore
@@ -15,18 +16,6 @@ from gateway.scsi.device import naa_from_serial
 from gateway.volume import State, Volume
 
 PLAIN_BLOCKS = 256
-
-
-class SyncSource:
-    """Answers key requests at once: the KEKs it knows unlock, the others are refused."""
-
-    def __init__(self, keys: dict[str, bytes]) -> None:
-        self.keys = keys
-
-    def request(self, volume: Volume, bindings: list[fmt.EvluToken]) -> None:
-        for b in bindings:
-            if b.key_id in self.keys:
-                volume.offer_kek(b.key_id, self.keys[b.key_id])
 
 
 class SpyStore(MemoryBackstore):
@@ -148,7 +137,7 @@ def lu(plain: Volume) -> LogicalUnit:
 
 @pytest.fixture
 def evol(small_evlu, kek) -> Volume:
-    vol = Volume.open(small_evlu[0], key_source=SyncSource({"k1": kek}))
+    vol = Volume.open(small_evlu[0], key_source=SyncSource({"k1": kek}, refuse_unknown=False))
     assert vol.state == State.ENCRYPTED
     return vol
 
@@ -824,7 +813,7 @@ def test_key_arrival_and_key_change_post_unit_attentions(small_evlu, kek):
 
 def test_plain_to_encrypted_posts_inquiry_data_changed(kek):
     dev = MemoryBackstore(4 << 20)
-    vol = Volume.open(dev, allow_plain=True, key_source=SyncSource({"k1": kek}))
+    vol = Volume.open(dev, allow_plain=True, key_source=SyncSource({"k1": kek}, refuse_unknown=False))
     lu = LogicalUnit(vol)
     assert good(lu, inquiry(1, 0xB2))[5] == 0xE0
     fmt.create(dev, kek, fmt.Binding("k1", "default"), data_offset=fmt.MIN_DATA_OFFSET)

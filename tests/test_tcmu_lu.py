@@ -94,15 +94,20 @@ def key_of(sense: bytes) -> tuple[int, int, int]:
 def evlu(kms: KmsEnv, tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A 32 MiB file eVLU whose KEK is in the session's KMS (made by gateway A)."""
     path = tmp_path / "lun.img"
+    yield path, kms_evlu(kms, path, 32 << 20, "tcmu")
+
+
+def kms_evlu(kms: KmsEnv, path: Path, size: int, label: str) -> str:
+    """Gateway A formats a file eVLU of ``size`` bytes with a new KEK; returns its key id."""
     with open(path, "wb") as f:
-        f.truncate(32 << 20)
+        f.truncate(size)
     with kms.manager("gw-a") as manager:
-        key_id = manager.provision("tcmu")
+        key_id = manager.provision(label)
         kek = manager.fetch(key_id)
     dev = open_backstore(str(path))
     fmt.create(dev, bytes(kek), fmt.Binding(key_id, "embedded"), data_offset=fmt.MIN_DATA_OFFSET)
     dev.close()
-    yield path, key_id
+    return key_id
 
 
 def served(kms: KmsEnv, path: Path, gateway: str = "gw-b", **kw: object) -> tuple[Harness,
@@ -146,14 +151,7 @@ def test_an_initiator_session_through_the_ring(kms: KmsEnv, evlu: tuple[Path, st
 def test_not_ready_while_waiting_then_ready_with_a_unit_attention(
         own_kms: KmsEnv, tmp_path: Path) -> None:
     path = tmp_path / "lun.img"
-    with open(path, "wb") as f:
-        f.truncate(8 << 20)
-    with own_kms.manager("gw-a") as manager:
-        key_id = manager.provision("wait")
-        kek = manager.fetch(key_id)
-    dev = open_backstore(str(path))
-    fmt.create(dev, bytes(kek), fmt.Binding(key_id, "embedded"), data_offset=fmt.MIN_DATA_OFFSET)
-    dev.close()
+    kms_evlu(own_kms, path, 8 << 20, "wait")
     own_kms.stop()
     lookups = KeyLookupService(ManagerPool(own_kms.config, "gw-b"), retry_max=0.5).start()
     h = Harness(Volume.open(open_backstore(str(path)), key_source=lookups))

@@ -6,6 +6,7 @@ import os
 import threading
 
 import pytest
+from keysources import SyncSource
 
 from gateway import format as fmt
 from gateway.backstore import MemoryBackstore
@@ -24,20 +25,6 @@ class RecordingSource:
 
     def request(self, volume: Volume, bindings: list[fmt.EvluToken]) -> None:
         self.requests.append([b.key_id for b in bindings])
-
-
-class SyncSource:
-    """A key source that answers at once (from inside ``request``)."""
-
-    def __init__(self, keys: dict[str, bytes]) -> None:
-        self.keys = keys
-
-    def request(self, volume: Volume, bindings: list[fmt.EvluToken]) -> None:
-        for b in bindings:
-            if b.key_id in self.keys:
-                volume.offer_kek(b.key_id, self.keys[b.key_id])
-            else:
-                volume.refuse_key(b.key_id, f"KMS refused {b.key_id}")
 
 
 def opened(dev: MemoryBackstore, **kw) -> tuple[Volume, list[Transition]]:
