@@ -326,3 +326,41 @@ def test_ordering_spans() -> None:
     w = access(rw10(0x2A, 12, 4))
     assert w is not None and w.conflicts(access(rw10(0x28, 10, 4)))  # type: ignore[arg-type]
     assert not access(rw10(0x28, 0, 4)).conflicts(access(rw10(0x28, 2, 4)))  # type: ignore
+
+
+def test_head_and_tail_are_never_torn_under_a_concurrent_kernel() -> None:
+    """The kernel (here another process) and the handler update cmd_head and cmd_tail
+    while the other reads them: both must be single 4-byte accesses.  With struct's
+    byte-by-byte "<I" stores this broke the ring within seconds."""
+    import os
+    k = SimKernel(cmdr_size=64 << 10, data_size=16 << 20, canaries=False)
+    dev, _m = _serve(k, DiskLU(2048), workers=2)
+    r_fd, w_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the kernel: QD32 of 4 KiB reads for 3 s
+        os.close(r_fd)
+        rnd, done, ok = random.Random(5), 0, True
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline or k.inflight:
+            while time.monotonic() < deadline and len(k.inflight) < 32:
+                try:
+                    k.queue(rw10(0x28, rnd.randrange(0, 2040), 8), data_in_len=4096)
+                except RingFull:
+                    break
+            if not k.wait(2.0):
+                ok = False
+                break
+            for c in k.reap(collect=False):
+                ok = ok and c.status == 0
+                done += 1
+        os.write(w_fd, f"{int(ok)} {done}".encode())
+        os._exit(0)
+    os.close(w_fd)
+    answer = os.read(r_fd, 100).decode().split()
+    os.close(r_fd)
+    os.waitpid(pid, 0)
+    alive = dev._thread is not None and dev._thread.is_alive()
+    dev.stop()
+    k.close()
+    assert alive, "the ring thread died (RingError)"
+    assert answer[0] == "1" and int(answer[1]) > 1000, answer

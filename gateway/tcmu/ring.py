@@ -46,7 +46,10 @@ if sys.byteorder != "little":  # pragma: no cover - the appliance is x86-64/arm6
 
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 _MAILBOX = struct.Struct("<HHII")  # version, flags, cmdr_off, cmdr_size
-_HEAD_OFF, _TAIL_OFF = 12, 64
+# cmd_head and cmd_tail as uint32 items of the mailbox: a memoryview item is loaded
+# and stored whole (memcpy of 4 aligned bytes), where struct's "<I" goes byte by
+# byte and the other side could see a torn value.
+_HEAD_WORD, _TAIL_WORD = 12 // 4, 64 // 4
 _IOV = struct.Struct("<QQ")
 _REQ = struct.Struct("<III4xQ")  # iov_cnt, iov_bidi_cnt, iov_dif_cnt, pad, cdb_off
 _RSP = struct.Struct("<BxxxI")  # scsi_status, pads, read_len
@@ -112,6 +115,7 @@ class Ring:
             raise RingError(f"ring at {cmdr_off}+{cmdr_size} does not fit a {len(view)}-byte "
                             "mapping")
         self.mem = view
+        self._words = view[:MAILBOX_SIZE].cast("I")
         self.flags = flags
         self.cmdr_off, self.cmdr_size = cmdr_off, cmdr_size
         self.data_start, self.data_end = cmdr_off + cmdr_size, len(view)
@@ -129,14 +133,14 @@ class Ring:
 
     @property
     def head(self) -> int:
-        return int(_U32.unpack_from(self.mem, _HEAD_OFF)[0])
+        return int(self._words[_HEAD_WORD])
 
     @property
     def tail(self) -> int:
-        return int(_U32.unpack_from(self.mem, _TAIL_OFF)[0])
+        return int(self._words[_TAIL_WORD])
 
     def _set_tail(self, value: int) -> None:
-        _U32.pack_into(self.mem, _TAIL_OFF, value)
+        self._words[_TAIL_WORD] = value
 
     def _check_offset(self, offset: int, what: str) -> None:
         if offset >= self.cmdr_size or offset % _ALIGN:

@@ -94,6 +94,7 @@ class SimKernel:
         os.ftruncate(self.memfd, self.size)
         self.map = mmap.mmap(self.memfd, self.size)
         self.mem = memoryview(self.map)
+        self._words = self.mem[:r.MAILBOX_SIZE].cast("I")  # whole-word head/tail access
         struct.pack_into("<HHII", self.mem, 0, r.VERSION, flags, self.cmdr_off, cmdr_size)
         self.nblocks = data_size // BLOCK
         self.free = set(range(self.nblocks))
@@ -111,6 +112,7 @@ class SimKernel:
         self.pads = 0
 
     def close(self) -> None:
+        self._words.release()
         self.mem.release()
         self.map.close()
         for fd in (self.memfd, self.to_handler, self.to_kernel):
@@ -122,11 +124,11 @@ class SimKernel:
 
     @property
     def tail(self) -> int:
-        return int(struct.unpack_from("<I", self.mem, 64)[0])
+        return int(self._words[64 // 4])
 
     def _set_head(self, value: int) -> None:
         self.head = value
-        struct.pack_into("<I", self.mem, 12, value)
+        self._words[12 // 4] = value  # one 4-byte store, as the kernel's WRITE_ONCE
 
     def _space(self) -> int:
         used = self.head - self.last_cleaned

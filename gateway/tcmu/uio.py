@@ -11,7 +11,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +90,11 @@ class Mapping:
 
     def pending(self) -> bool:
         """Whether the kernel has entries nobody completed (a previous handler died)."""
-        head, tail = struct.unpack_from("<I", self.mem, 12)[0], struct.unpack_from("<I", self.mem, 64)[0]
-        return bool(head != tail)
+        words = self.mem[:128].cast("I")  # whole 4-byte loads: the kernel may be writing
+        try:
+            return bool(words[12 // 4] != words[64 // 4])
+        finally:
+            words.release()
 
 
 def recover(device: UioDevice, mapping: Mapping, root: Path = CONFIGFS_CORE) -> bool:
