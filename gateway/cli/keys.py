@@ -32,10 +32,13 @@ class KmsSession:
     lookups: KeyLookupService
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> KmsSession:
+    def from_args(cls, args: argparse.Namespace, *, require_identity: bool = True) -> KmsSession:
+        """``require_identity``: fail at once, with advice, when this gateway is not
+        enrolled (a daemon that may serve plain LUNs starts anyway)."""
         config = Config(args.config_dir)
         pool = ManagerPool(config, args.gateway, override=getattr(args, "lookup_kms", None))
-        config.identity(args.gateway)  # fail early, with advice, when not enrolled
+        if require_identity:
+            config.identity(args.gateway)
         if pool.override:
             config.profile(pool.override)
         audit = AuditLog(config.audit_path, pool.identity_name)

@@ -28,7 +28,8 @@ from typing import BinaryIO
 from .. import __version__
 from .. import format as fmt
 from ..backstore import Backstore, BackstoreError, open_backstore
-from ..kms import KmsConfigError, KmsError, KmsUnreachableError
+from ..kms import Config, KmsConfigError, KmsError, KmsUnreachableError
+from ..kms.audit import AuditLog
 from ..tcmu.dbus_service import DbusError
 from ..tcmu.netlink import NetlinkError
 from ..volume import OperationRefusedError, State, Volume, VolumeError, wipe_data_area
@@ -538,8 +539,6 @@ def cmd_unbind(args: argparse.Namespace) -> int:
 
 def _audit_offline(args: argparse.Namespace, event: str, **fields: str | None) -> None:
     """Record an event that needed no KMS, when this host has a configuration."""
-    from ..kms import Config
-    from ..kms.audit import AuditLog
     config = Config(args.config_dir)
     if config.root.is_dir():
         gateway = args.gateway or os.environ.get("EVLU_GATEWAY") or config.settings().gateway

@@ -7,29 +7,22 @@ import signal
 import threading
 from typing import Any
 
-from ..kms import Config
-from ..kms.audit import AuditLog
-from ..kms.cache import KeyCache
-from ..kms.lookup import KeyLookupService
-from ..kms.pool import ManagerPool
 from ..process import make_undumpable
 from ..tcmu import cfgstring
 from ..tcmu.dbus_service import TcmuDbusService
 from ..tcmu.handler import Handler
+from .keys import KmsSession
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     make_undumpable()
-    config = Config(args.config_dir)
-    pool = ManagerPool(config, args.gateway)
-    lookups = KeyLookupService(pool, audit=AuditLog(config.audit_path, pool.identity_name),
-                               cache=KeyCache.from_config(config)).start()
+    session = KmsSession.from_args(args, require_identity=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     handler = dbus = None
     try:
-        handler = Handler(lookups, workers=args.workers).start()
+        handler = Handler(session.lookups, workers=args.workers).start()
         if args.dbus != "off":
             dbus = TcmuDbusService(cfgstring.SUBTYPE, cfgstring.CONFIG_DESC, cfgstring.check,
                                    beside_runner=args.dbus == "beside-runner").start()
@@ -41,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dbus.stop()
         if handler is not None:
             handler.stop()
-        lookups.stop()
+        session.close()
     print("evlu tcmu: stopped", flush=True)
     return 0
 

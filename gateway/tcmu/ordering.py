@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..scsi.cdb import CDB10, CDB12, CDB16, lba_length6
+
 _WHOLE = (0, 1 << 64)
 
 
@@ -29,20 +31,19 @@ class Access:
 
 
 def _rw6(cdb: bytes) -> tuple[int, int]:
-    lba = ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3]
-    return lba, cdb[4] or 256
+    return lba_length6(cdb)
 
 
 def _rw10(cdb: bytes) -> tuple[int, int]:
-    return struct.unpack_from(">I", cdb, 2)[0], struct.unpack_from(">H", cdb, 7)[0]
+    return CDB10.unpack_from(cdb)[1:]
 
 
 def _rw12(cdb: bytes) -> tuple[int, int]:
-    return struct.unpack_from(">I", cdb, 2)[0], struct.unpack_from(">I", cdb, 6)[0]
+    return CDB12.unpack_from(cdb)[1:]
 
 
 def _rw16(cdb: bytes) -> tuple[int, int]:
-    return struct.unpack_from(">Q", cdb, 2)[0], struct.unpack_from(">I", cdb, 10)[0]
+    return CDB16.unpack_from(cdb)[1:]
 
 
 def _caw(cdb: bytes) -> tuple[int, int]:

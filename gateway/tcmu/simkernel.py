@@ -144,6 +144,21 @@ class SimKernel:
                 return cmd_id
         raise RingFull("no free command id")
 
+    def _reserve(self, size: int) -> int:
+        """Room for a ``size``-byte entry at the head (a PAD first if the end of the ring
+        is too short, as the kernel does); the zeroed entry's offset in the mapping."""
+        to_end = self.cmdr_size - self.head
+        if self._space() < (size if to_end >= size else size + to_end):
+            raise RingFull("ring full")
+        if to_end < size:
+            struct.pack_into("<IHBB", self.mem, self.cmdr_off + self.head, to_end | r.OP_PAD,
+                             0, 0, 0)
+            self._set_head(0)
+            self.pads += 1
+        entry = self.cmdr_off + self.head
+        self.mem[entry:entry + size] = bytes(size)
+        return entry
+
     def queue(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0, *,
               tamper: Callable[[memoryview, int], None] | None = None) -> int:
         """Queue one command; returns its cmd_id.  RingFull when it does not fit now.
@@ -159,11 +174,8 @@ class SimKernel:
         cdb_len = r.scsi_cdb_length(cdb)
         cdb = cdb[:cdb_len] + bytes(max(0, cdb_len - len(cdb)))
         size = base + -(-cdb_len // 8) * 8
-        to_end = self.cmdr_size - self.head
-        needed = size if to_end >= size else size + to_end
-        if self._space() < needed:
-            raise RingFull("ring full")
         cmd_id = self._alloc_id()
+        entry = self._reserve(size)
         if self.rng is None:
             blocks = [heapq.heappop(self._lowest) for _ in range(nblocks)]
         else:
@@ -171,13 +183,6 @@ class SimKernel:
             self._lowest = [b for b in self._lowest if b not in set(blocks)]
             heapq.heapify(self._lowest)
         self.free.difference_update(blocks)
-        if to_end < size:  # PAD to the end of the ring
-            struct.pack_into("<IHBB", self.mem, self.cmdr_off + self.head, to_end | r.OP_PAD,
-                             0, 0, 0)
-            self._set_head(0)
-            self.pads += 1
-        entry = self.cmdr_off + self.head
-        self.mem[entry:entry + size] = bytes(size)
         iovecs = _runs(blocks, length, self.data_off)
         for i, (base_off, iov_len) in enumerate(iovecs):
             struct.pack_into("<QQ", self.mem, entry + r.IOV_OFFSET + r.IOV_SIZE * i, base_off,
@@ -199,17 +204,8 @@ class SimKernel:
 
     def tmr(self, tmr_type: int, cmd_ids: list[int]) -> None:
         """Queue a TMR entry (as with ``tmr_notification=1``)."""
-        size = -(-(32 + 2 * len(cmd_ids)) // 8) * 8
-        size = max(size, r.ENTRY_SIZE)
-        to_end = self.cmdr_size - self.head
-        if self._space() < (size if to_end >= size else size + to_end):
-            raise RingFull("ring full")
-        if to_end < size:
-            struct.pack_into("<IHBB", self.mem, self.cmdr_off + self.head, to_end | r.OP_PAD,
-                             0, 0, 0)
-            self._set_head(0)
-        entry = self.cmdr_off + self.head
-        self.mem[entry:entry + size] = bytes(size)
+        size = max(-(-(32 + 2 * len(cmd_ids)) // 8) * 8, r.ENTRY_SIZE)
+        entry = self._reserve(size)
         struct.pack_into("<IHBBII", self.mem, entry, size | r.OP_TMR, 0, 0, 0, tmr_type,
                          len(cmd_ids))
         for i, cmd_id in enumerate(cmd_ids):
