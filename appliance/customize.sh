@@ -30,3 +30,5 @@ in_root systemctl enable --quiet systemd-networkd.service evlu-lio-setup.service
   evlu-agent.service evlu-dev-src.service evlu-kms.service evlu-gatewayd.service
 in_root systemctl mask --quiet apt-daily.timer apt-daily-upgrade.timer \
   e2scrub_all.timer e2scrub_reap.service fstrim.timer
+say "tcmu-runner masked (also its D-Bus activation): it would answer our devices' netlink events"
+in_root systemctl mask --quiet tcmu-runner.service
