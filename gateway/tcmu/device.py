@@ -71,6 +71,11 @@ class RingDevice:
         self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        """Whether the ring thread runs (not after a stop or a broken ring)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def request_stop(self) -> None:
         """Stop fetching (entries left in the ring are the kernel's to time out, or the
         next handler's to reset); what is in flight still completes."""

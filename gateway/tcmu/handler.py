@@ -41,8 +41,8 @@ class VolumeSource(Protocol):
     def acquire(self, config: cfgstring.DeviceConfig, name: str) -> Volume:
         """The volume of ``config``'s backing store (BackstoreError if it cannot be opened)."""
 
-    def release(self, volume: Volume) -> None:
-        """The device ``acquire`` served is gone."""
+    def release(self, volume: Volume, name: str) -> None:
+        """The device ``name`` that ``acquire`` served is gone."""
 
 
 class OwnVolumes:
@@ -55,7 +55,7 @@ class OwnVolumes:
         return Volume.open(open_backstore(config.path), key_source=self.key_source,
                            allow_plain=config.allow_plain, name=name)
 
-    def release(self, volume: Volume) -> None:
+    def release(self, volume: Volume, name: str) -> None:
         volume.close()
 
 
@@ -178,7 +178,7 @@ class Handler:
             except (RingError, OSError, ValueError) as exc:
                 _log.error("%s: cannot serve: %s", device.so_name, exc)
                 mapping.close()
-                self.volumes.release(volume)
+                self.volumes.release(volume, device.so_name)
                 return None
             served = self.served[name] = Served(device, volume, mapping, ring)
             _log.info("%s: serving %s (%s)", device.so_name, config.path, volume.state.value)
@@ -195,7 +195,7 @@ class Handler:
                        served.device.so_name, timeout)
             return
         served.mapping.close()
-        self.volumes.release(served.volume)
+        self.volumes.release(served.volume, served.device.so_name)
         _log.info("%s: detached", served.device.so_name)
 
     def _listen(self) -> None:
