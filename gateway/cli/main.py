@@ -11,6 +11,7 @@ Exit codes (also in ``evlu --help``):
   2 usage error/config 6 metadata unusable (no valid copy, or an unsupported feature)
   3 no eVLU header     7 refused: the operation needs confirmation (--yes/--confirm/--force)
   8 KMS unreachable    9 the KMS refused this gateway, or the key is revoked/destroyed
+  10 gatewayd is not running (evlu daemon/lun/rescan)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..kms.audit import AuditLog
 from ..tcmu.dbus_service import DbusError
 from ..tcmu.netlink import NetlinkError
 from ..volume import OperationRefusedError, State, Volume, VolumeError, wipe_data_area
-from . import kms_cmds, tcmu_cmds
+from . import daemon_cmds, kms_cmds, tcmu_cmds
 from .keys import EXIT_KMS_REFUSED, EXIT_KMS_UNREACHABLE, KmsRefusal, KmsSession
 from .progress import Progress
 from .sizes import parse_size
@@ -709,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     kms_cmds.add_parser(sub, common)
     tcmu_cmds.add_parser(sub, common)
+    daemon_cmds.add_parser(sub, common)
     return parser
 
 

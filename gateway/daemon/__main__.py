@@ -37,7 +37,7 @@ def _address(text: str) -> tuple[str, int] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m gateway.daemon",
+        prog="python -m gateway.daemon", argument_default=argparse.SUPPRESS,
         description="gatewayd: serves user:evlu LUNs (TCMU handler), looks their keys up "
                     "(KMIP), keeps LIO as configured; control API on a root-only Unix "
                     "socket, Prometheus metrics, systemd readiness (Type=notify).",
@@ -89,7 +89,7 @@ _PATHS = ("config_dir", "socket", "sysfs", "configfs")
 def resolve(args: argparse.Namespace) -> tuple[Options, str, str]:
     """Options from the command line over the config file over the defaults."""
     settings: dict[str, object] = {}
-    if args.config is not None:
+    if "config" in args:
         try:
             with open(args.config, "rb") as f:
                 doc = tomllib.load(f)
@@ -107,10 +107,7 @@ def resolve(args: argparse.Namespace) -> tuple[Options, str, str]:
             elif name in _PATHS:
                 value = Path(str(value))
             settings[name] = value
-    for name in _KEYS:
-        value = getattr(args, name)
-        if value is not None:
-            settings[name] = value
+    settings.update((name, value) for name, value in vars(args).items() if name in _KEYS)
     log_format = str(settings.pop("log_format", "json"))
     log_level = str(settings.pop("log_level", "info"))
     return Options(**settings), log_format, log_level  # type: ignore[arg-type]

@@ -53,9 +53,9 @@ class ControlClient:
     def close(self) -> None:
         self._sock.close()
 
-    def call(self, method: str, **params: Any) -> Any:
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         rid = next(self._ids)
-        self._sock.sendall(encode_request(Request(rid, method, params)))
+        self._sock.sendall(encode_request(Request(rid, method, params or {})))
         while True:
             line = self._next_line()
             got, result = parse_response(line)  # raises the answer's error
@@ -71,7 +71,8 @@ class ControlClient:
         return self._pending.pop(0)
 
 
-def call(method: str, path: Path | None = None, **params: Any) -> Any:
+def call(method: str, params: dict[str, Any] | None = None, *,
+         socket_path: Path | None = None) -> Any:
     """One request on a connection of its own."""
-    with ControlClient(path) as client:
-        return client.call(method, **params)
+    with ControlClient(socket_path) as client:
+        return client.call(method, params)

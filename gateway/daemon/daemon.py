@@ -91,6 +91,7 @@ class Gatewayd:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> Gatewayd:
+        self.control.bind()  # first: a second gatewayd must not touch the rings
         self.lookups.start()
         self.handler.start(listen=self.options.netlink)
         if self.options.dbus != "off":

@@ -65,7 +65,9 @@ class ControlServer:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
 
-    def start(self) -> ControlServer:
+    def bind(self) -> ControlServer:
+        """Claim the socket path (SocketInUseError when another gatewayd answers there);
+        connections wait in the backlog until :meth:`start`."""
         _prepare(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
@@ -76,6 +78,12 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         sock.listen(16)
         self._sock = sock
+        return self
+
+    def start(self) -> ControlServer:
+        """Answer requests."""
+        if self._sock is None:
+            self.bind()
         self._thread = threading.Thread(target=self._accept, name="gatewayd-control",
                                         daemon=True)
         self._thread.start()
