@@ -27,7 +27,7 @@ from ..kms.cache import KeyCache
 from ..kms.lookup import KeyLookupService
 from ..kms.pool import ManagerPool
 from ..tcmu import cfgstring
-from ..tcmu.dbus_service import TcmuDbusService
+from ..tcmu.dbus_service import DbusError, TcmuDbusService
 from ..tcmu.handler import Handler
 from ..tcmu.uio import CONFIGFS_CORE, SYSFS_UIO
 from ..volume import State
@@ -77,6 +77,7 @@ class Gatewayd:
         self.kms_reachable: dict[str, bool] = {}
         self.lio_error: str | None = None
         self._dbus: TcmuDbusService | None = None
+        self.dbus_status = "off"
         self._metrics_server: Any = None
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(self._samples, self.audit,
@@ -95,10 +96,16 @@ class Gatewayd:
         self.lookups.start()
         self.handler.start(listen=self.options.netlink)
         if self.options.dbus != "off":
-            self._dbus = TcmuDbusService(cfgstring.SUBTYPE, cfgstring.CONFIG_DESC,
-                                         cfgstring.check,
-                                         beside_runner=self.options.dbus == "beside-runner"
-                                         ).start()
+            try:
+                self._dbus = TcmuDbusService(cfgstring.SUBTYPE, cfgstring.CONFIG_DESC,
+                                             cfgstring.check,
+                                             beside_runner=self.options.dbus == "beside-runner"
+                                             ).start()
+                self.dbus_status = self.options.dbus
+            except DbusError as exc:  # serving goes on; only targetcli's listing is missing
+                self.dbus_status = f"failed: {exc}"
+                _log.error("D-Bus (%s): %s; targetcli will not list user:evlu",
+                           self.options.dbus, exc)
         if self.reconciler is not None:
             try:
                 self._apply()
@@ -222,6 +229,7 @@ class Gatewayd:
             "luns": states, "devices": len(self.handler.served),
             "kms": dict(self.kms_reachable),
             "lio": self.lio_error or ("managed" if self.reconciler else NOT_AVAILABLE),
+            "dbus": self.dbus_status,
             "header_checks": self.watcher.rounds,
         }
 
