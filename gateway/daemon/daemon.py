@@ -158,11 +158,14 @@ class Gatewayd:
     def _housekeep(self) -> None:
         while not self._stopping.is_set():
             self._beat = time.monotonic()
-            if self.watcher.due():
-                self.watcher.tick()
-            if time.monotonic() >= self._next_probe:
-                self._next_probe = time.monotonic() + self.options.kms_probe_interval
-                self._probe_kms()
+            try:
+                if self.watcher.due():
+                    self.watcher.tick()
+                if time.monotonic() >= self._next_probe:
+                    self._next_probe = time.monotonic() + self.options.kms_probe_interval
+                    self._probe_kms()
+            except Exception:  # noqa: BLE001 - one bad round must not end housekeeping
+                _log.exception("housekeeping round failed")
             self._stopping.wait(min(1.0, self.options.watch_interval))
 
     def _probe_kms(self) -> None:
