@@ -3,7 +3,9 @@
 The guest is reached only through 127.0.0.1: user-mode networking with
 `restrict=on` (the guest reaches nothing outside) and explicit host
 forwards; the guest agent on a virtio-serial unix socket; QMP for power
-control. The cached image is never written (`-snapshot`). QEMU gets SIGKILL
+control. The cached image is never written: the VM's disk is a qcow2 overlay
+in its run directory, kept across `reboot()` (a cold one: power-off, then boot
+again on the same overlay) and deleted with the run directory. QEMU gets SIGKILL
 if the process that started it dies, so no VM outlives its runner.
 """
 
@@ -126,6 +128,7 @@ class Appliance:
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.serial_log = self.run_dir / "serial.log"
+        self.overlay = self.run_dir / "disk.qcow2"
         self.qemu_log = self.run_dir / "qemu.log"
         self.agent = AgentClient(self.run_dir / "agent.sock")
         self._proc: subprocess.Popen | None = None
@@ -138,10 +141,10 @@ class Appliance:
         append = "root=/dev/vda rw console=ttyS0 panic=-1" + (" evlu.src=9p" if self.dev else "")
         argv = [QEMU, "-name", "evlu-appliance", "-accel", self.accel, "-cpu", "max",
                 "-m", str(self.memory_mib), "-smp", str(self.cpus),
-                "-nodefaults", "-display", "none", "-no-reboot", "-snapshot",
+                "-nodefaults", "-display", "none", "-no-reboot",
                 "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
                 "-append", append,
-                "-drive", f"file={self.image.disk},format=raw,if=virtio",
+                "-drive", f"file={self.overlay},format=qcow2,if=virtio",
                 "-netdev", f"user,id=n0,restrict=on,{forwards}",
                 "-device", "virtio-net-pci,netdev=n0",
                 "-device", "virtio-rng-pci",
@@ -159,6 +162,11 @@ class Appliance:
         qemu_version()
         for stale in ("agent.sock", "qmp.sock"):
             (self.run_dir / stale).unlink(missing_ok=True)
+        if not self.overlay.exists():
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                            str(self.image.disk), str(self.overlay)], check=True,
+                           capture_output=True)
+        self._agent_answered = False
         self._started = time.monotonic()
         self._proc = _spawn(self.argv(), self.qemu_log)
         while not self.agent.path.exists():
@@ -230,11 +238,21 @@ class Appliance:
         except subprocess.TimeoutExpired:
             return False
 
+    def reboot(self, timeout: float = 300.0) -> str:
+        """Power off cleanly, boot again on the same disk; wait until ready. Says how it stopped."""
+        how = self.poweroff()
+        if how not in ("systemctl poweroff", "already stopped"):
+            raise VMError(f"reboot: the guest did not power off cleanly ({how})")
+        self.times = BootTimes()
+        self.start()
+        self.wait_ready(timeout)
+        return how
+
     def poweroff(self, timeout: float = 90.0) -> str:
         """Stop the VM: systemctl poweroff, else ACPI power button, else kill. Says how.
 
         A guest whose agent never answered is still booting: QEMU is just
-        terminated (the disk is a snapshot, nothing is lost)."""
+        terminated (its disk is a throw-away overlay)."""
         if self._proc is None:
             return "not started"
         how = "already stopped"
