@@ -94,6 +94,11 @@ class KeyLookupService:
             thread.join()
         self.pool.close()
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def pending(self) -> int:
         """Lookups not answered yet (including cache revalidations)."""
         with self._cond:

@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from ..scsi.sense import HARDWARE_FAILURE
+from ..scsi.sense import BUSY, HARDWARE_FAILURE
 from .doorbell import EventfdDoorbell, UioDoorbell
 from .ordering import Access, access
 from .ring import Command, Ring, RingError, TaskManagement
@@ -60,6 +60,7 @@ class RingDevice:
         self._running: dict[int, Access | None] = {}
         self._waiting: collections.deque[tuple[Command, Access]] = collections.deque()
         self._stop = False
+        self._abandon = False  # stop() timed out: fail what is unfinished
         self._thread: threading.Thread | None = None
         self.gone = False  # the kernel removed the device (EIO on the doorbell)
         self.commands = 0
@@ -70,13 +71,35 @@ class RingDevice:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop fetching, finish and complete what is in flight, and stop."""
+    @property
+    def running(self) -> bool:
+        """Whether the ring thread runs (not after a stop or a broken ring)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def request_stop(self) -> None:
+        """Stop fetching (entries left in the ring are the kernel's to time out, or the
+        next handler's to reset); what is in flight still completes."""
         self._stop = True
         os.eventfd_write(self._wake, 1)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop fetching, finish and complete what is in flight, and stop.
+
+        After ``timeout`` seconds, commands still unfinished are completed with
+        BUSY (the initiator retries them) and their workers are abandoned: the
+        mapping must then stay mapped until the process exits.  Returns whether
+        every command finished."""
+        self.request_stop()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._abandon = True
+                os.eventfd_write(self._wake, 1)
+                self._thread.join()
+        if self._abandon:
+            return False  # a late worker may still signal the eventfd: keep it open
         os.close(self._wake)
+        return True
 
     # -- the ring thread ------------------------------------------------------
 
@@ -85,7 +108,8 @@ class RingDevice:
         poller.register(self.doorbell.fileno(), select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         try:
-            while not (self._stop and (self.gone or not (self._running or self._waiting))):
+            while not (self._stop and (self.gone or self._abandon or
+                                       not (self._running or self._waiting))):
                 for fd, _event in poller.poll(1000):
                     if fd == self._wake:
                         try:
@@ -98,12 +122,27 @@ class RingDevice:
                     elif not self._stop:
                         self._fetch()
                 self._complete()
+            if self._abandon and not self.gone:
+                self._fail_unfinished()
         except RingError:
             _log.exception("TCMU device %s: ring broken; stopping (the device needs a reset)",
                            self.name)
         finally:
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown(wait=not self._abandon)
+
+    def _fail_unfinished(self) -> None:
+        """Complete what finished, then BUSY for everything else fetched."""
+        waiting, self._waiting = [cmd for cmd, _ in self._waiting], collections.deque()
+        self._complete()
+        unfinished = [*self._running, *(cmd.cmd_id for cmd in waiting)]
+        _log.error("TCMU device %s: %d command(s) unfinished at stop: completed with BUSY",
+                   self.name, len(unfinished))
+        for cmd_id in unfinished:
+            self.ring.complete(cmd_id, BUSY)
+        self._running.clear()
+        self.ring.skip_to_cursor()
+        self.doorbell.kick()
 
     def _fetch(self) -> None:
         for item in self.ring.fetch():

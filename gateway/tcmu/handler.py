@@ -14,14 +14,17 @@ from __future__ import annotations
 import logging
 import select
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..backstore import BackstoreError, open_backstore
 from ..scsi import Identity, Limits, LogicalUnit
 from ..volume import KeySource, Volume
 from . import cfgstring
-from .device import RingDevice
+from .device import Executor, RingDevice
 from .doorbell import UioDoorbell
 from .netlink import Event, NetlinkListener
 from .ring import RingError
@@ -30,6 +33,30 @@ from .uio import CONFIGFS_CORE, SYSFS_UIO, Mapping, UioDevice, parse_name, read_
 
 _log = logging.getLogger(__name__)
 SERIAL_PREFIX = "T10 VPD Unit Serial Number:"
+
+
+class VolumeSource(Protocol):
+    """Where a device's volume comes from and goes back to (gatewayd shares its LUNs')."""
+
+    def acquire(self, config: cfgstring.DeviceConfig, name: str) -> Volume:
+        """The volume of ``config``'s backing store (BackstoreError if it cannot be opened)."""
+
+    def release(self, volume: Volume, name: str) -> None:
+        """The device ``name`` that ``acquire`` served is gone."""
+
+
+class OwnVolumes:
+    """Each device opens its own volume and closes it when detached."""
+
+    def __init__(self, key_source: KeySource | None) -> None:
+        self.key_source = key_source
+
+    def acquire(self, config: cfgstring.DeviceConfig, name: str) -> Volume:
+        return Volume.open(open_backstore(config.path), key_source=self.key_source,
+                           allow_plain=config.allow_plain, name=name)
+
+    def release(self, volume: Volume, name: str) -> None:
+        volume.close()
 
 
 @dataclass
@@ -77,8 +104,14 @@ class Handler:
     """Serves every ``user:evlu`` device of this host."""
 
     def __init__(self, key_source: KeySource | None, *, workers: int = 4,
-                 sysfs: Path = SYSFS_UIO, configfs: Path = CONFIGFS_CORE) -> None:
+                 sysfs: Path = SYSFS_UIO, configfs: Path = CONFIGFS_CORE,
+                 volumes: VolumeSource | None = None,
+                 wrap: Callable[[str, LogicalUnit], Executor] | None = None) -> None:
+        """``volumes``: where volumes come from (default: each device its own);
+        ``wrap(so_name, lu)``: what the ring executes instead of ``lu`` (e.g. a meter)."""
         self.key_source = key_source
+        self.volumes = volumes or OwnVolumes(key_source)
+        self.wrap = wrap
         self.workers = workers
         self.sysfs, self.configfs = sysfs, configfs
         self.served: dict[str, Served] = {}  # by uio name
@@ -99,14 +132,20 @@ class Handler:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop following events and serving; in-flight commands get ``timeout``
+        seconds in all to finish (then BUSY, see :meth:`RingDevice.stop`)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         if self._listener is not None:
             self._listener.close()
+        for served in list(self.served.values()):
+            served.ring.request_stop()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for name in list(self.served):
-            self.detach(name)
+            self.detach(name, None if deadline is None else
+                         max(0.0, deadline - time.monotonic()))
 
     @staticmethod
     def _name(device: UioDevice) -> str:
@@ -120,12 +159,10 @@ class Handler:
                 return self.served[name]
             try:
                 config = cfgstring.parse(device.cfgstring)
-                backstore = open_backstore(config.path)
+                volume = self.volumes.acquire(config, device.so_name)
             except (ValueError, BackstoreError) as exc:
                 _log.error("%s: cannot serve %r: %s", device.so_name, device.cfgstring, exc)
                 return None
-            volume = Volume.open(backstore, key_source=self.key_source,
-                                 allow_plain=config.allow_plain, name=device.so_name)
             mapping = Mapping(device)
             try:
                 if recover(device, mapping, self.configfs):
@@ -135,25 +172,30 @@ class Handler:
                 data_area = device.map_size - 128 - ring_size
                 lu = LogicalUnit(volume, identity_of(device, volume, self.configfs),
                                  limits_of(device, volume, self.configfs, data_area))
-                ring = RingDevice(mapping.mem, UioDoorbell(mapping.fd), lu,
+                executor = self.wrap(device.so_name, lu) if self.wrap else lu
+                ring = RingDevice(mapping.mem, UioDoorbell(mapping.fd), executor,
                                   workers=self.workers, name=device.so_name).start()
             except (RingError, OSError, ValueError) as exc:
                 _log.error("%s: cannot serve: %s", device.so_name, exc)
                 mapping.close()
-                volume.close()
+                self.volumes.release(volume, device.so_name)
                 return None
             served = self.served[name] = Served(device, volume, mapping, ring)
             _log.info("%s: serving %s (%s)", device.so_name, config.path, volume.state.value)
             return served
 
-    def detach(self, name: str) -> None:
+    def detach(self, name: str, timeout: float | None = None) -> None:
         with self._lock:
             served = self.served.pop(name, None)
         if served is None:
             return
-        served.ring.stop()
+        if not served.ring.stop(timeout):
+            # workers still hold the mapping and the volume: both go with the process
+            _log.error("%s: detached with commands unfinished after %s s",
+                       served.device.so_name, timeout)
+            return
         served.mapping.close()
-        served.volume.close()
+        self.volumes.release(served.volume, served.device.so_name)
         _log.info("%s: detached", served.device.so_name)
 
     def _listen(self) -> None:
