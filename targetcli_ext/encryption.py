@@ -336,6 +336,7 @@ class UIEncryption(UINode):
                                  "it and every replica become unreadable for good; repeat "
                                  "with confirm=yes")
         evlu("shred", e.path, "--yes")
+        self.gatewayd.call("lun.drop_key", lun=e.name, reason="its key was destroyed (shred)")
         self._rescan(e)
 
     # -- completion -------------------------------------------------------------
