@@ -215,12 +215,18 @@ class UIEncryption(UINode):
             if created:
                 os.unlink(path)
             raise
-        params: dict[str, Any] = {"name": name, "path": path}
+        params: dict[str, Any] = {"name": name, "path": path, "wait": 30.0}
         if target:
             params["target"] = target
-        self.gatewayd.call("lun.add", **params)
+        added = self.gatewayd.call("lun.add", **params)
         self.refresh()
-        self.shell.log.info(f"Created eVLU {name}: {self._get(name).summary()}")
+        e = self._get(name)
+        self.shell.log.info(f"Created eVLU {name}: {e.summary()}")
+        if target and not added.get("exported"):
+            self.shell.log.warning(
+                f"gatewayd did not export it ({added.get('lio')}); map it with "
+                f"'/backstores/user:evlu create {name} {e.capacity} evlu/{path}' and "
+                f"'/iscsi/{target}/tpg1/luns create /backstores/user:evlu/{name}'")
 
     def _create_file(self, path: str, size: str | None) -> bool:
         """Create ``path`` with ``size`` if it does not exist; True when created."""
