@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,12 +18,13 @@ from gateway.cli.sizes import parse_size
 from gateway.kms import Config
 from gateway.kms.audit import read_recent
 
-from .admin import evlu
+from . import admin
 from .control import Gatewayd
 from .inventory import STATES, Evlu, Exports, human_size
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _YES = ("yes", "true", "1")
+KEY_WAIT = 30.0  # seconds a command waits for gatewayd's key lookup after a change
 
 
 def _matches(options: Iterable[str], text: str) -> list[str]:
@@ -123,9 +125,12 @@ class UIEncryption(UINode):
         return [c.name for c in self.children]
 
     def _rescan(self, e: Evlu, **params: Any) -> None:
+        """Have gatewayd re-read ``e``'s header; wait up to KEY_WAIT s for its key lookup."""
         self.gatewayd.call("rescan", lun=e.name, **params)
-        self.refresh()
-        now = self._get(e.name)
+        deadline = time.monotonic() + KEY_WAIT
+        while (now := self._get(e.name)).state == "WAITING_FOR_KEY" \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.shell.log.info(f"{now.name}: {now.state}" + (f" ({now.reason})" if now.reason else ""))
 
     # -- reading ----------------------------------------------------------------
@@ -210,12 +215,12 @@ class UIEncryption(UINode):
         if wipe.lower() not in _YES:
             argv.append("--no-wipe")
         try:
-            evlu(*argv)
+            admin.evlu(*argv)
         except ExecutionError:
             if created:
                 os.unlink(path)
             raise
-        params: dict[str, Any] = {"name": name, "path": path, "wait": 30.0}
+        params: dict[str, Any] = {"name": name, "path": path, "wait": KEY_WAIT}
         if target:
             params["target"] = target
         added = self.gatewayd.call("lun.add", **params)
@@ -231,22 +236,22 @@ class UIEncryption(UINode):
     def _create_file(self, path: str, size: str | None) -> bool:
         """Create ``path`` with ``size`` if it does not exist; True when created."""
         try:
-            mode = os.stat(path).st_mode
+            nbytes = None if size is None else parse_size(size)
+        except ValueError as exc:
+            raise ExecutionError(f"size: {exc}") from None
+        try:
+            st = os.stat(path)
         except FileNotFoundError:
-            if size is None:
+            if nbytes is None:
                 raise ExecutionError(f"{path} does not exist: give its size to create it "
                                      "(e.g. 'size=10G')") from None
-            try:
-                nbytes = parse_size(size)
-            except ValueError as exc:
-                raise ExecutionError(f"size: {exc}") from None
             try:
                 with open(path, "xb") as f:
                     f.truncate(nbytes)
             except OSError as exc:
                 raise ExecutionError(f"cannot create {path}: {exc.strerror}") from None
             return True
-        if size is not None and stat.S_ISREG(mode) and parse_size(size) != os.stat(path).st_size:
+        if nbytes is not None and stat.S_ISREG(st.st_mode) and nbytes != st.st_size:
             raise ExecutionError(f"{path} exists with another size; leave size out to use it "
                                  "as it is")
         return False
@@ -267,7 +272,7 @@ class UIEncryption(UINode):
         if not _confirmed(confirm):
             raise ExecutionError(f"encrypting {name} makes its current data on {e.path} "
                                  "unreadable for good; repeat with confirm=yes")
-        evlu("format", e.path, "--yes", "--quiet", "--kms", kms or "")
+        admin.evlu("format", e.path, "--yes", "--quiet", "--kms", kms or "")
         self._rescan(e)
 
     def ui_command_off(self, name: str, confirm: str | None = None) -> None:
@@ -281,7 +286,7 @@ class UIEncryption(UINode):
         if not _confirmed(confirm):
             raise ExecutionError(f"'off' removes the header and key bindings of {name}: its "
                                  "data becomes unreadable for good; repeat with confirm=yes")
-        evlu("off", e.path, "--confirm")
+        admin.evlu("off", e.path, "--confirm")
         self._rescan(e, accept_plain=True)
 
     def ui_command_rescan(self, name: str | None = None) -> None:
@@ -306,7 +311,7 @@ class UIEncryption(UINode):
         """
         self.assert_root()
         e = self._get(name)
-        evlu("rotate", e.path, *(["--kms", kms] if kms else []))
+        admin.evlu("rotate", e.path, *(["--kms", kms] if kms else []))
         self._rescan(e)
 
     def ui_command_bind(self, name: str, kms: str) -> None:
@@ -316,7 +321,7 @@ class UIEncryption(UINode):
         """
         self.assert_root()
         e = self._get(name)
-        evlu("bind", e.path, "--kms", kms)
+        admin.evlu("bind", e.path, "--kms", kms)
         self._rescan(e)
 
     def ui_command_unbind(self, name: str, key_id: str) -> None:
@@ -326,7 +331,7 @@ class UIEncryption(UINode):
         """
         self.assert_root()
         e = self._get(name)
-        evlu("unbind", e.path, "--key-id", key_id)
+        admin.evlu("unbind", e.path, "--key-id", key_id)
         self._rescan(e)
 
     def ui_command_shred(self, name: str, confirm: str | None = None) -> None:
@@ -341,7 +346,7 @@ class UIEncryption(UINode):
             raise ExecutionError(f"shredding {name} destroys key(s) {', '.join(e.key_ids)}: "
                                  "it and every replica become unreadable for good; repeat "
                                  "with confirm=yes")
-        evlu("shred", e.path, "--yes")
+        admin.evlu("shred", e.path, "--yes")
         self.gatewayd.call("lun.drop_key", lun=e.name, reason="its key was destroyed (shred)")
         self._rescan(e)
 
