@@ -57,7 +57,8 @@ def main(program: str, inputs: list[str]) -> list[dict[str, str]]:
     screens.append({"input": "exit", "screen": ANSI.sub(b"", read_until_prompt(
         fd, settle=2.0)).decode()})
     _, status = os.waitpid(pid, 0)
-    screens.append({"input": "", "screen": f"exit status {os.waitstatus_to_exitcode(status)}"})
+    code = os.waitstatus_to_exitcode(status)
+    screens.append({"input": "(exited)", "screen": f"exit status {code}"})
     return screens
 
 
