@@ -6,9 +6,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# Debian's targetcli, rtslib-fb, configshell-fb and gi, importable from the venv
+# as in the appliance (whose venv has the system site packages): after the
+# venv's own packages, so the project's pinned versions win.
+DEBIAN_PTH := $(VENV)/.debian-dist-packages-stamp
 APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux e2fsprogs \
                 mmdebstrap qemu-system-x86 qemu-utils qemu-block-extra libiscsi-bin \
-                dbus-daemon python3-dbus
+                dbus-daemon python3-dbus \
+                targetcli-fb python3-rtslib-fb python3-configshell-fb python3-gi
 
 .PHONY: run test test-native test-vm appliance deps system-deps bench clean
 
@@ -38,7 +43,7 @@ bench: deps
 	$(PY) bench/kms.py
 	$(PY) bench/tcmu.py
 
-deps: system-deps $(STAMP)
+deps: system-deps $(STAMP) $(DEBIAN_PTH)
 
 # Debian packages, installed only when something is missing (root on Debian 12).
 system-deps:
@@ -50,7 +55,7 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@for c in cryptsetup mmdebstrap qemu-system-x86_64 qemu-io iscsi-inq; do \
+	@for c in cryptsetup mmdebstrap qemu-system-x86_64 qemu-io iscsi-inq targetcli; do \
 	  command -v $$c >/dev/null || { echo "$$c not found after install" >&2; exit 1; }; \
 	done
 
@@ -59,6 +64,12 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+$(DEBIAN_PTH): $(STAMP)
+	echo /usr/lib/python3/dist-packages > \
+	  "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/evlu-debian-dist-packages.pth"
+	$(PY) -c 'import gi, targetcli, rtslib_fb, configshell_fb'
 	@touch $@
 
 clean:

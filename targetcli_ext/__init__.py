@@ -1,1 +1,1 @@
-"""targetcli shell extension with an /encryption tree (built in a later issue)."""
+"""``targetcli-evlu``: the stock targetcli tree plus an /encryption node (configshell-fb)."""

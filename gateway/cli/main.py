@@ -726,25 +726,31 @@ _EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
 )
 
 
+def execute(args: argparse.Namespace) -> int:
+    """Run a parsed command; every failure is a CliError with its exit code and message.
+
+    For callers in this process (targetcli-evlu) as much as for :func:`main`."""
+    try:
+        return args.func(args)
+    except KmsRefusal as exc:
+        raise CliError(str(exc), EXIT_WRONG_KEY if exc.wrong_key else EXIT_KMS_REFUSED) from exc
+    except Exception as exc:
+        code = next((c for t, c in _EXIT_CODES if isinstance(exc, t)), None)
+        if code is None:
+            raise
+        raise CliError(str(exc), code) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return execute(args)
     except CliError as exc:
         print(f"evlu: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         print("evlu: interrupted", file=sys.stderr)
         return 130
-    except KmsRefusal as exc:
-        print(f"evlu: {exc}", file=sys.stderr)
-        return EXIT_WRONG_KEY if exc.wrong_key else EXIT_KMS_REFUSED
-    except Exception as exc:
-        code = next((c for t, c in _EXIT_CODES if isinstance(exc, t)), None)
-        if code is None:
-            raise
-        print(f"evlu: {exc}", file=sys.stderr)
-        return code
 
 
 if __name__ == "__main__":

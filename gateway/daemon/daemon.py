@@ -217,6 +217,7 @@ class Gatewayd:
             "status": self.api_status, "health": self.api_health, "luns": self.api_luns,
             "lun.info": self.api_lun_info, "lun.add": self.api_lun_add,
             "rescan": self.api_rescan, "apply": self.api_apply, "metrics": self.api_metrics,
+            "lun.drop_key": self.api_lun_drop_key,
         }
 
     def api_status(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -281,6 +282,19 @@ class Gatewayd:
             out.append({"lun": lun.name, "state": lun.volume.state.value,
                         "transition": str(transition) if transition else None})
         return out
+
+    def api_lun_drop_key(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Forget the key a LUN was unlocked with (its KEK was just destroyed or revoked,
+        e.g. by 'evlu shred'): NO_KEY (DATA PROTECT) at once, not at the next restart."""
+        p = Params(params, ("lun", "reason"))
+        lun = self.luns.find(p.get("lun", str, required=True))
+        key_id = lun.volume.unlocked_by
+        if key_id is not None:
+            reason = p.get("reason", str, f"key {key_id} withdrawn by the administrator")
+            lun.volume.withdraw_key(key_id, reason)
+            _log.info("%s: key %s dropped: %s", lun.name, key_id, reason,
+                      extra={"lun": lun.name})
+        return lun.info()
 
     def api_apply(self, params: dict[str, Any]) -> list[str]:
         """Make LIO match its configuration again."""

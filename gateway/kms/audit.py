@@ -48,3 +48,23 @@ class AuditLog:
                 os.write(fd, line)
             finally:
                 os.close(fd)
+
+
+def read_recent(path: Path, limit: int, *, volume: str | None = None) -> list[dict[str, Any]]:
+    """The last ``limit`` records of the audit log at ``path`` (oldest first),
+    only those of ``volume`` when given; a missing log has none, a torn line is skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records: list[dict[str, Any]] = []
+    for line in reversed(lines):
+        if len(records) >= limit:
+            break
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(doc, dict) and (volume is None or doc.get("volume") == volume):
+            records.append(doc)
+    return records[::-1]

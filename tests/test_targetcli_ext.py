@@ -1,0 +1,206 @@
+"""targetcli-evlu's /encryption node in a real configshell shell, against a real gatewayd
+(subprocess, no LIO: --no-netlink, --dbus off) and the real embedded KMS.
+
+The stock targetcli root needs configfs, so here /encryption hangs under a plain
+configshell root; the whole shell (stock targetcli tree + /encryption) is
+driven in the appliance (tests/vm/test_targetcli_ext.py)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from configshell_fb import ConfigNode, ConfigShell, ExecutionError
+from configshell_fb.console import Console
+
+from gateway.daemon.client import ControlClient, NotRunningError
+from kmsenv import KmsEnv
+from targetcli_ext.control import Gatewayd
+from targetcli_ext.encryption import UIEncryption
+
+MIB = 1 << 20
+
+
+class Gatewaydproc:
+    """``python -m gateway.daemon`` on a socket of its own, as gateway gw-a."""
+
+    def __init__(self, kms: KmsEnv, root: Path) -> None:
+        self.socket = root / "run" / "control.sock"
+        (root / "uio").mkdir()
+        (root / "core").mkdir()
+        self.log = root / "gatewayd.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.daemon", "--socket", str(self.socket),
+                 "--metrics", "off", "--dbus", "off", "--no-netlink", "--log-format", "text",
+                 "--sysfs", str(root / "uio"), "--configfs", str(root / "core")],
+                env=kms.env("gw-a"), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                ControlClient(self.socket).close()
+                return
+            except NotRunningError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gatewayd did not answer: {self.log.read_text()}")
+
+    def call(self, method: str, **params: object) -> object:
+        with ControlClient(self.socket) as client:
+            return client.call(method, **params)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+class Shell:
+    """A configshell shell with /encryption; ``run`` returns what a command displayed."""
+
+    def __init__(self, socket: Path, prefs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.shell = ConfigShell(str(prefs))
+        # configshell's Console is a Borg whose streams default to the sys.stdout of
+        # import time: give it streams of this test's own
+        self.screen = io.StringIO()
+        Console(stdout=self.screen, stderr=self.screen)
+        self.node = UIEncryption(ConfigNode("/", shell=self.shell), Gatewayd(socket),
+                                 lambda: None)
+        self.capsys = capsys
+
+    def run(self, line: str) -> str:
+        """What the command displayed (the shell's console, then what evlu printed)."""
+        self.capsys.readouterr()
+        self.screen.seek(0)
+        self.screen.truncate()
+        self.shell.run_cmdline(line)
+        return self.screen.getvalue() + self.capsys.readouterr().out
+
+    def fails(self, line: str) -> str:
+        with pytest.raises(ExecutionError) as info:
+            self.run(line)
+        return str(info.value)
+
+    def complete(self, command: str, param: str, text: str, **given: str) -> list[str]:
+        method = getattr(self.node, f"ui_complete_{command}")
+        return list(method(given, text, param))
+
+
+@pytest.fixture
+def gatewayd(kms: KmsEnv, tmp_path: Path) -> Iterator[Gatewaydproc]:
+    proc = Gatewaydproc(kms, tmp_path)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def sh(kms: KmsEnv, gatewayd: Gatewaydproc, tmp_path: Path,
+       capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Shell:
+    for name, value in kms.env("gw-a").items():
+        monkeypatch.setenv(name, value)
+    return Shell(gatewayd.socket, tmp_path / "prefs", capsys)
+
+
+def _row(status: str, name: str) -> list[str]:
+    return next(line.split() for line in status.splitlines() if line.split()[:1] == [name])
+
+
+def test_create_ls_status_info_and_rotate(sh: Shell, tmp_path: Path) -> None:
+    img = tmp_path / "lun0.img"
+    sh.run(f"/encryption create lun0 {img} size=64M sector_size=4096")
+    status = sh.run("/encryption status")
+    assert status.splitlines()[0].split() == ["NAME", "STATE", "KEY", "ID", "KMS", "SIZE",
+                                              "SECTOR", "EXPORTED", "AS"]
+    name, state, key_id, kms, size, sector, exported = _row(status, "lun0")
+    assert (state, kms, size, sector, exported) == ("ENCRYPTED", "embedded", "48.0MiB", "4096",
+                                                    "-")
+    info = sh.run("/encryption info lun0")
+    assert f"backing store: {img}" in info and f"key: {key_id} (KMS profile embedded)" in info
+    listing = sh.run("ls /encryption")
+    assert "lun0" in listing and f"ENCRYPTED, key {key_id} (KMS embedded), 48.0MiB" in listing
+    assert sh.run("/encryption/lun0 info") == info
+
+    sh.run("/encryption rotate lun0")
+    new_key = _row(sh.run("/encryption status"), "lun0")[2]
+    assert new_key != key_id
+    audit = sh.run("/encryption audit lun0 count=50")
+    assert f"rotate ok" in audit and f"old_key_id={key_id}" in audit
+    assert "provision ok" in audit and "format ok" in audit
+
+
+def test_bind_unbind_shred(sh: Shell, kms: KmsEnv, tmp_path: Path) -> None:
+    kms.evlu("kms", "profile", "add", "dr", "--address", f"127.0.0.1:{kms.port}", "--ca",
+             str(kms.config.profile().ca), check=True)
+    sh.run(f"/encryption create lun1 {tmp_path / 'lun1.img'} size=32M")
+    first = _row(sh.run("/encryption status"), "lun1")[2]
+    assert sh.complete("bind", "kms", "d") == ["dr "]
+    sh.run("/encryption bind lun1 kms=dr")
+    keys = _row(sh.run("/encryption status"), "lun1")[2].split(",")
+    assert len(keys) == 2 and first in keys
+    second = next(k for k in keys if k != first)
+    assert sh.complete("unbind", "key_id", "", name="lun1") == sorted(keys)
+    sh.run(f"/encryption unbind lun1 key_id={first}")
+    assert _row(sh.run("/encryption status"), "lun1")[2] == second
+
+    refused = sh.fails("/encryption shred lun1")
+    assert "confirm=yes" in refused and second in refused
+    assert _row(sh.run("/encryption status"), "lun1")[1] == "ENCRYPTED"
+    sh.run("/encryption shred lun1 confirm=yes")
+    assert _row(sh.run("/encryption status"), "lun1")[1] == "NO_KEY"
+
+
+def test_encrypt_a_plain_lun_then_off(sh: Shell, gatewayd: Gatewaydproc, tmp_path: Path) -> None:
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(b"old data" * 4096 + bytes(32 * MIB - 8 * 4096))
+    gatewayd.call("lun.add", path=str(plain), name="plain0", plain=True)
+    assert _row(sh.run("/encryption status"), "plain0")[1:3] == ["UNENCRYPTED", "-"]
+
+    refused = sh.fails("/encryption encrypt plain0")
+    assert "unreadable" in refused and "confirm=yes" in refused
+    assert plain.read_bytes()[:8] == b"old data"
+    sh.run("/encryption encrypt plain0 confirm=yes")
+    row = _row(sh.run("/encryption status"), "plain0")
+    assert row[1] == "ENCRYPTED" and row[2] != "-"
+    assert plain.read_bytes()[:6] == b"LUKS\xba\xbe"
+    assert "not a plain backstore" in sh.fails("/encryption encrypt plain0 confirm=yes")
+
+    assert "confirm=yes" in sh.fails("/encryption off plain0")
+    sh.run("/encryption off plain0 confirm=yes")
+    assert _row(sh.run("/encryption status"), "plain0")[1:3] == ["UNENCRYPTED", "-"]
+
+
+def test_errors_say_what_to_do(sh: Shell, tmp_path: Path) -> None:
+    assert "give its size" in sh.fails(f"/encryption create x {tmp_path / 'none.img'}")
+    assert "512 or 4096" in sh.fails(f"/encryption create x {tmp_path / 'a.img'} 1M "
+                                     "sector_size=1000")
+    assert "no eVLU named 'nope'" in sh.fails("/encryption info nope")
+    small = tmp_path / "small.img"
+    sh.fails(f"/encryption create tiny {small} size=1M")  # smaller than the data offset
+    assert not small.exists()  # a file created for a failed format is removed
+    sh.run(f"/encryption create lun2 {tmp_path / 'lun2.img'} size=32M wipe=no")
+    assert "exists already" in sh.fails(f"/encryption create lun2 {tmp_path / 'b.img'} 32M")
+
+
+def test_completion_and_help(sh: Shell, tmp_path: Path) -> None:
+    sh.run(f"/encryption create lun3 {tmp_path / 'lun3.img'} size=32M wipe=no")
+    assert sh.complete("info", "name", "lu") == ["lun3 "]
+    assert sh.complete("create", "sector_size", "4") == ["4096 "]
+    assert sh.complete("shred", "confirm", "y") == ["yes "]
+    assert sh.complete("create", "file_or_dev", str(tmp_path / "lun3")) == [
+        str(tmp_path / "lun3.img")]
+    help_text = sh.run("/encryption help shred")
+    assert "shred name [confirm]" in help_text and "every copy and replica" in help_text
+
+
+def test_without_gatewayd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sh = Shell(tmp_path / "absent.sock", tmp_path / "prefs", capsys)
+    assert "gatewayd is not running" in sh.run("ls")
+    message = sh.fails("/encryption status")
+    assert "systemctl start evlu-gatewayd" in message
