@@ -400,3 +400,20 @@ def test_dump_then_load_gives_the_same_config(config: cfg.LioConfig) -> None:
     secrets = tomllib.loads(cfg.dump_secrets(config))
     credentials = {name: cfg.Chap(name, **entry) for name, entry in secrets.items()}
     assert cfg.parse(tomllib.loads(cfg.dump(config)), credentials) == config
+
+
+def test_evlu_lio_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli.main import main
+    path = write(tmp_path, EXAMPLE)
+    assert main(["lio", "check", "--config-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == (f"{path}: valid: 2 target(s), 3 LUN(s), 1 ACL(s), "
+                                       "2 CHAP credential(s)\n")
+    (tmp_path / "chap.toml").chmod(0o640)
+    assert main(["lio", "check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "mode 0640 lets group or others access the CHAP secrets" in err and SECRET not in err
+    bad = write(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path,
+                one_target(acl="chap = 3"), chap=None)
+    assert main(["lio", "check", "--config", str(bad)]) == 2
+    assert f"targets[{IQN}].tpgs[1].acls[{HOST}].chap: must be a string, not an integer" \
+        in capsys.readouterr().err

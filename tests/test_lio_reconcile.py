@@ -21,6 +21,7 @@ from gateway import format as fmt
 from gateway.backstore import open_backstore
 from gateway.lio import config as cfg
 from gateway.lio import state as st
+from gateway.lio.boot import filter_saveconfig
 from gateway.lio.reconcile import ApplyError, Backing, PlanError, Reconciler, desired, \
     read_backing
 from gateway.lio.state import Auth, Change, Ownership, State
@@ -370,3 +371,29 @@ class TempDir:
 
     def __exit__(self, *exc: object) -> None:
         self._dir.cleanup()
+
+
+def test_boot_restores_everything_but_the_gateways_objects() -> None:
+    saved = {
+        "storage_objects": [
+            {"plugin": "user", "name": "ours", "config": "evlu//srv/a.img"},
+            {"plugin": "user", "name": "shared", "config": "evlu//srv/s.img"},
+            {"plugin": "user", "name": "admins", "config": "evlu//srv/x.img"},
+            {"plugin": "fileio", "name": "ours", "dev": "/srv/f.img"}],
+        "targets": [
+            {"fabric": "iscsi", "wwn": IQN, "tpgs": [
+                {"luns": [{"storage_object": "/backstores/user/ours"}],
+                 "node_acls": [{"node_wwn": HOST, "chap_password": SECRET}]}]},
+            {"fabric": "iscsi", "wwn": "iqn.2003-01.org.example:admin", "tpgs": [
+                {"luns": [{"storage_object": "/backstores/user/shared"},
+                          {"storage_object": "/backstores/fileio/ours"}]}]},
+            {"fabric": "loopback", "wwn": IQN}],
+        "fabric_modules": [{"name": "iscsi", "discovery_enable_auth": True}]}
+    owned = Ownership(frozenset({IQN}), frozenset({"ours", "shared"}), discovery=False)
+    left = filter_saveconfig(saved, owned)
+    assert [so["name"] for so in left["storage_objects"]] == ["shared", "admins", "ours"]
+    assert [(t["fabric"], t["wwn"]) for t in left["targets"]] == [
+        ("iscsi", "iqn.2003-01.org.example:admin"), ("loopback", IQN)]
+    assert SECRET not in str(left) and left["fabric_modules"] == saved["fabric_modules"]
+    assert filter_saveconfig(saved, owned | Ownership(discovery=True))["fabric_modules"] == []
+    assert saved["targets"][0]["wwn"] == IQN   # the input is left as it was
