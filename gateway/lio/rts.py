@@ -8,6 +8,8 @@ as targetcli-fb does (``rtslib`` may be a distinct copy with distinct classes).
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ from rtslib_fb import (LUN, TPG, FabricModule, MappedLUN, NetworkPortal, NodeACL
 from . import state as st
 from .state import Auth, Change, State
 
+log = logging.getLogger(__name__)
 Undo = list[Callable[[], None]]
 _AUTH = ("userid", "password", "mutual_userid", "mutual_password")
 
@@ -33,6 +36,18 @@ def _attributes(node: Any) -> tuple[tuple[str, str], ...]:
         except Exception:  # an attribute the running kernel refuses to show
             continue
     return tuple(out)
+
+
+def _private(node: Any, prefix: str) -> None:
+    """Make the node's CHAP password files root-only (the kernel creates them 0644)."""
+    base = f"{node.path}/{'discovery_auth' if prefix == 'discovery_' else 'auth'}"
+    for name in ("password", "password_mutual"):
+        try:
+            os.chmod(f"{base}/{name}", 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("lio: cannot make %s/%s root-only: %s", base, name, exc.strerror)
 
 
 class RtsLio:
@@ -107,6 +122,7 @@ class RtsLio:
 
     def _set_auth(self, node: Any, new: Auth, old: Auth, undo: Undo,
                   prefix: str = "chap_") -> None:
+        _private(node, prefix)
         for name in _AUTH:
             if getattr(new, name) != getattr(old, name):
                 self._set(node, prefix + name, getattr(new, name), getattr(old, name), undo)
