@@ -34,7 +34,7 @@ from ..kms.audit import AuditLog
 from ..tcmu.dbus_service import DbusError
 from ..tcmu.netlink import NetlinkError
 from ..volume import OperationRefusedError, State, Volume, VolumeError, wipe_data_area
-from . import daemon_cmds, kms_cmds, tcmu_cmds
+from . import daemon_cmds, kms_cmds, lio_cmds, tcmu_cmds
 from .keys import EXIT_KMS_REFUSED, EXIT_KMS_UNREACHABLE, KmsRefusal, KmsSession
 from .progress import Progress
 from .sizes import parse_size
@@ -711,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     kms_cmds.add_parser(sub, common)
     tcmu_cmds.add_parser(sub, common)
     daemon_cmds.add_parser(sub, common)
+    lio_cmds.add_parser(sub, common)
     return parser
 
 
