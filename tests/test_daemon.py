@@ -52,7 +52,7 @@ class Gatewayd:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.daemon", "--socket", str(self.socket),
-                 "--no-netlink", "--dbus", "off", "--sysfs", str(root / "sys"),
+                 "--no-netlink", "--no-lio", "--dbus", "off", "--sysfs", str(root / "sys"),
                  "--configfs", str(root / "cfs"), "--metrics", f"127.0.0.1:{self.metrics_port}",
                  "--watch-interval", "0.3", "--kms-probe-interval", "1", *extra],
                 env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -334,7 +334,7 @@ def test_sigterm_stops_within_bounds(kms: KmsEnv, tmp_path: Path) -> None:
 def test_a_second_gatewayd_on_the_same_socket_refuses_to_start(gwd: Gatewayd,
                                                                 kms: KmsEnv) -> None:
     out = subprocess.run([sys.executable, "-m", "gateway.daemon", "--socket", str(gwd.socket),
-                          "--no-netlink", "--dbus", "off", "--metrics", "off", "--sysfs",
+                          "--no-netlink", "--no-lio", "--dbus", "off", "--metrics", "off", "--sysfs",
                           str(gwd.root / "sys"), "--log-format", "text"],
                          env=kms.env("gw-b"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "another gatewayd answers there" in out.stderr

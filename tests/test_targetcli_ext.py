@@ -37,7 +37,7 @@ class Gatewaydproc:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.daemon", "--socket", str(self.socket),
-                 "--metrics", "off", "--dbus", "off", "--no-netlink", "--log-format", "text",
+                 "--metrics", "off", "--dbus", "off", "--no-netlink", "--no-lio", "--log-format", "text",
                  "--sysfs", str(root / "uio"), "--configfs", str(root / "core")],
                 env=kms.env("gw-a"), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

@@ -20,6 +20,7 @@ from .. import __version__
 from ..process import make_undumpable
 from . import logs
 from .daemon import Gatewayd, Options
+from .lioconfig import LioFile
 from .server import DEFAULT_SOCKET, SocketInUseError
 
 _log = logging.getLogger("gateway.daemon")
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-netlink", dest="netlink", action="store_const", const=False,
                    help="do not follow TCM-USER netlink events (only the devices present at "
                         "start are served; for hosts without target_core_user, and tests)")
+    p.add_argument("--no-lio", dest="lio", action="store_const", const=False,
+                   help="do not manage LIO from lio.toml (hosts without configfs, tests): "
+                        "lun add then serves a store without exporting it")
     p.add_argument("--sysfs", metavar="DIR", type=Path,
                    help="where uio devices are listed (default: /sys/class/uio)")
     p.add_argument("--configfs", metavar="DIR", type=Path,
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _KEYS = ("config_dir", "gateway", "socket", "metrics", "log_format", "log_level", "workers",
-         "dbus", "netlink", "sysfs", "configfs", "watch_interval", "kms_probe_interval",
+         "dbus", "netlink", "lio", "sysfs", "configfs", "watch_interval", "kms_probe_interval",
          "stop_timeout")
 _PATHS = ("config_dir", "socket", "sysfs", "configfs")
 
@@ -122,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    # The merge with gateway.lio passes its reconciler here (see .reconciler).
-    gatewayd = Gatewayd(options, reconciler=None)
+    gatewayd = Gatewayd(options, reconciler=LioFile(options.config_dir) if options.lio else None)
     try:
         gatewayd.start()
     except Exception as exc:  # noqa: BLE001 - said once, clearly; systemd restarts us

@@ -52,6 +52,7 @@ class Options:
     workers: int = 4
     dbus: str = "standalone"  # standalone, beside-runner, off
     netlink: bool = True
+    lio: bool = True  # manage LIO from lio.toml (gateway.daemon.lioconfig)
     sysfs: Path = SYSFS_UIO
     configfs: Path = CONFIGFS_CORE
     watch_interval: float = 10.0
@@ -217,7 +218,7 @@ class Gatewayd:
             "status": self.api_status, "health": self.api_health, "luns": self.api_luns,
             "lun.info": self.api_lun_info, "lun.add": self.api_lun_add,
             "rescan": self.api_rescan, "apply": self.api_apply, "metrics": self.api_metrics,
-            "lun.drop_key": self.api_lun_drop_key,
+            "lun.drop_key": self.api_lun_drop_key, "save": self.api_save,
         }
 
     def api_status(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -264,9 +265,13 @@ class Gatewayd:
         info = lun.info()
         if self.reconciler is None:
             info["exported"], info["lio"] = False, NOT_AVAILABLE
-        else:
-            info["exported"] = True
+            return info
+        try:
             info["lio"] = self.reconciler.add_lun(lun.path, lun.name, lun.target)
+        except RuntimeError as exc:
+            raise ControlError(Code.UNUSABLE, f"{lun.name} is served but not exported: "
+                                              f"{exc}") from None
+        info["exported"] = True
         return info
 
     def api_rescan(self, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -302,6 +307,18 @@ class Gatewayd:
         if self.reconciler is None:
             raise ControlError(Code.UNAVAILABLE, NOT_AVAILABLE)
         return self._apply()
+
+    def api_save(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Persist the exported LUNs (the LIO configuration); ``not_saved``: LUNs served
+        but not in it (they are gone after a restart)."""
+        Params(params, ())
+        if self.reconciler is None:
+            raise ControlError(Code.UNAVAILABLE, NOT_AVAILABLE)
+        saved = self.reconciler.save()
+        configured = {os.path.realpath(p) for p in self.reconciler.configured()}
+        saved["not_saved"] = sorted(lun.name for lun in self.luns.all()
+                                    if os.path.realpath(lun.path) not in configured)
+        return saved
 
     def api_metrics(self, params: dict[str, Any]) -> str:
         """The Prometheus exposition text (as the metrics endpoint serves it)."""

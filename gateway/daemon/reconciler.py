@@ -16,7 +16,8 @@ NOT_AVAILABLE = "LIO configuration not available (gateway.lio is not part of thi
 
 class Reconciler(Protocol):
     def apply(self) -> list[str]:
-        """Load the LIO configuration and make LIO match it; the changes made."""
+        """Load the LIO configuration and make LIO match it; the changes made.
+        Every failure is a RuntimeError saying why."""
 
     def add_lun(self, path: str, name: str, target: str | None) -> list[str]:
         """Add a ``user:evlu`` LUN entry for ``path`` (under ``target``, else the
@@ -24,3 +25,6 @@ class Reconciler(Protocol):
 
     def configured(self) -> dict[str, str]:
         """The LUNs the configuration exports: backing-store path -> LUN name."""
+
+    def save(self) -> dict[str, object]:
+        """Persist what is exported; where (``path``) and which stores (``luns``)."""
