@@ -23,7 +23,7 @@ class Gatewayd:
         """One request; an ExecutionError that says what to do when it fails."""
         try:
             with ControlClient(self.socket) as client:
-                return client.call(method, **params)
+                return client.call(method, params)
         except NotRunningError as exc:
             raise ExecutionError(str(exc)) from None
         except ControlError as exc:

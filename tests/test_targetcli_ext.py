@@ -53,7 +53,7 @@ class Gatewaydproc:
 
     def call(self, method: str, **params: object) -> object:
         with ControlClient(self.socket) as client:
-            return client.call(method, **params)
+            return client.call(method, params)
 
     def stop(self) -> None:
         self.proc.terminate()
