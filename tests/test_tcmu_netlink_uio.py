@@ -114,3 +114,18 @@ def test_mapping_and_ring_recovery(tmp_path: Path) -> None:
             mapping.close()
     finally:
         k.close()
+
+
+def test_mapping_closes_while_a_view_of_the_ring_is_held() -> None:
+    k = SimKernel(cmdr_size=4096, data_size=64 << 10)
+    try:
+        device = uio.UioDevice(0, 1, "lun0", "evlu", "/srv/a.img", k.size)
+        mapping = uio.Mapping(device, Path(f"/proc/self/fd/{k.memfd}"))
+        held = mapping.mem[128:256]  # e.g. a worker's view of a data iovec
+        mapping.close()  # no BufferError: detaching a device must never fail
+        with pytest.raises(OSError):
+            os.fstat(mapping.fd)
+        assert bytes(held) == bytes(k.mem[128:256])  # still mapped while held
+        held.release()
+    finally:
+        k.close()

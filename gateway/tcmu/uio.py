@@ -8,6 +8,7 @@ in hex.  The device's configfs directory is
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .ring import RingError
+
+_log = logging.getLogger(__name__)
 
 SYSFS_UIO = Path("/sys/class/uio")
 CONFIGFS_CORE = Path("/sys/kernel/config/target/core")
@@ -84,8 +87,13 @@ class Mapping:
         self.mem = memoryview(self.map)
 
     def close(self) -> None:
-        self.mem.release()
-        self.map.close()
+        """Close the device; unmap unless views of the ring are still held (a worker
+        abandoned at a bounded stop, say): the mapping then goes with the last of them."""
+        try:
+            self.mem.release()
+            self.map.close()
+        except BufferError:
+            _log.warning("ring mapping still in use: unmapped when its last user is done")
         os.close(self.fd)
 
     def pending(self) -> bool:
