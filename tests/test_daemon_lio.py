@@ -17,7 +17,7 @@ from test_lio_reconcile import MemoryLio
 
 from gateway import format as fmt
 from gateway.backstore import open_backstore
-from gateway.daemon.lioconfig import LioError, LioFile
+from gateway.daemon.lioconfig import LioError, LioFile, NoTargetError
 from gateway.lio import state as st
 from gateway.lio.reconcile import Reconciler
 
@@ -78,7 +78,7 @@ def test_add_lun_to_a_new_target_and_without_any(tmp_path: Path) -> None:
     lio = MemoryLio()
     gw = lio_file(tmp_path, lio)
     assert gw.apply() == []  # no lio.toml: nothing exported, nothing changed
-    with pytest.raises(LioError, match="no target"):
+    with pytest.raises(NoTargetError, match="no target"):
         gw.add_lun(a, "a", None)
     with pytest.raises(LioError, match="not an IQN"):
         gw.add_lun(a, "a", "iqn.bad_name")

@@ -268,6 +268,9 @@ class Gatewayd:
             return info
         try:
             info["lio"] = self.reconciler.add_lun(lun.path, lun.name, lun.target)
+        except LookupError as exc:  # nowhere to export it: served, and said so
+            info["exported"], info["lio"] = False, str(exc)
+            return info
         except RuntimeError as exc:
             raise ControlError(Code.UNUSABLE, f"{lun.name} is served but not exported: "
                                               f"{exc}") from None

@@ -26,6 +26,10 @@ class LioError(RuntimeError):
     """The LIO configuration could not be read, changed or applied (the message says why)."""
 
 
+class NoTargetError(LioError, LookupError):
+    """No target was given and lio.toml has none to export a LUN from."""
+
+
 class LioFile:
     """``lio.toml`` + ``chap.toml`` in ``config_dir`` (default: the evlu config dir)."""
 
@@ -52,6 +56,8 @@ class LioFile:
         with self._lock:
             try:
                 return [str(change) for change in self.reconciler.apply(self.load())]
+            except NoTargetError:
+                raise
             except _FAILURES as exc:
                 raise LioError(str(exc)) from None
 
@@ -78,6 +84,8 @@ class LioFile:
                     cfg.parse(cfg.to_doc(config), config.credentials(), str(self.path))
                     cfg.save(config, self.path, self.secrets)
                 return [str(c) for c in self.reconciler.apply(config)]
+            except NoTargetError:
+                raise
             except _FAILURES as exc:
                 raise LioError(str(exc)) from None
 
@@ -87,7 +95,7 @@ def with_lun(config: cfg.LioConfig, path: str, target: str | None,
     """``config`` with ``path`` exported by ``target`` (a new target when not configured)."""
     if target is None:
         if not config.targets:
-            raise ValueError(f"{cfg.LIO_FILE} has no target: give one (--target IQN)")
+            raise NoTargetError(f"{cfg.LIO_FILE} has no target: give one (--target IQN)")
         target = config.targets[0].iqn
     why = cfg.check_wwn(target)
     if why:

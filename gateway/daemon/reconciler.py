@@ -21,7 +21,8 @@ class Reconciler(Protocol):
 
     def add_lun(self, path: str, name: str, target: str | None) -> list[str]:
         """Add a ``user:evlu`` LUN entry for ``path`` (under ``target``, else the
-        configuration's default target) to the configuration and apply it."""
+        configuration's default target) to the configuration and apply it.
+        A LookupError when there is no target to add it to; any failure a RuntimeError."""
 
     def configured(self) -> dict[str, str]:
         """The LUNs the configuration exports: backing-store path -> LUN name."""

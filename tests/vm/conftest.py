@@ -70,6 +70,26 @@ def appliance(request: pytest.FixtureRequest,
         assert not vm.running, "QEMU still running after power-off"
 
 
+GUEST_ENV = "set -e; . /etc/default/evlu-gateway; export PATH PYTHONPATH PYTHONDONTWRITEBYTECODE; "
+
+
+@pytest.fixture(scope="session")
+def guest_kms(appliance: Appliance) -> str:
+    """The guest's embedded KMS, started once for the session: ``evlu kms init`` and
+    ``enroll appliance`` in the default config dir (/etc/evlu-gateway), its unit running.
+    Returns a shell snippet that gives another config dir the same client setup:
+    ``guest_kms.format(dir=DIR)`` (profiles and identity are relative to their dir)."""
+    start = time.monotonic()
+    appliance.agent.run(GUEST_ENV + """
+        evlu kms init >/dev/null && evlu kms enroll appliance >/dev/null
+        systemctl start evlu-kms
+        for i in $(seq 180); do evlu kms status >/dev/null 2>&1 && exit 0; sleep 1; done
+        evlu kms status""", timeout=400)
+    REPORT.append(f"guest KMS initialised and serving in {time.monotonic() - start:.0f} s")
+    return ("mkdir -p {dir} && cp -a /etc/evlu-gateway/gateway.json /etc/evlu-gateway/profiles "
+            "/etc/evlu-gateway/gateways {dir}/")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
         item: pytest.Item,

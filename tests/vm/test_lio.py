@@ -134,15 +134,11 @@ def inq(vm: Appliance, iqn: str, lun: int, initiator: str, user: str = "", passw
 
 
 @pytest.fixture(scope="module")
-def gateway(appliance: Appliance) -> Iterator[Appliance]:
-    """Our own KMS (port 5697), three eVLUs, the handler; LIO cleaned up afterwards."""
+def gateway(appliance: Appliance, guest_kms: str) -> Iterator[Appliance]:
+    """Three eVLUs keyed by the session's KMS, the handler; LIO cleaned up afterwards."""
     start = time.monotonic()
     sh(appliance, f"""
-        mkdir -p {ETC}
-        evlu kms init --port 5697 >/dev/null && evlu kms enroll appliance >/dev/null
-        systemd-run --unit=evlu-lio-kms -p EnvironmentFile=/etc/default/evlu-gateway \\
-            -E EVLU_CONFIG_DIR={ETC} /opt/evlu-gateway/venv/bin/evlu kms serve
-        for i in $(seq 120); do evlu kms status >/dev/null 2>&1 && break; sleep 1; done
+        {guest_kms.format(dir=ETC)}
         for n in a b c; do truncate -s 40M {DIR}/$n.img; done
         evlu format {DIR}/a.img --kms -q --yes >/dev/null
         evlu format {DIR}/b.img --kms -q --yes --sector-size 4096 >/dev/null
@@ -154,15 +150,14 @@ def gateway(appliance: Appliance) -> Iterator[Appliance]:
         done
     """, timeout=400)
     put(appliance, f"{ETC}/chap.toml", CHAP, "600")
-    REPORT.append(f"lio: KMS, 3 eVLUs and the handler ready in {time.monotonic() - start:.0f} s")
+    REPORT.append(f"lio: 3 eVLUs and the handler ready in {time.monotonic() - start:.0f} s")
     try:
         yield appliance
     finally:
         put(appliance, f"{ETC}/lio.toml", "")
         lio(appliance, "apply", check=False)
-        appliance.agent.run(["systemctl", "stop", "evlu-lio-tcmu", "evlu-lio-kms"], check=False)
-        appliance.agent.run(["systemctl", "reset-failed", "evlu-lio-tcmu", "evlu-lio-kms"],
-                            check=False)
+        appliance.agent.run(["systemctl", "stop", "evlu-lio-tcmu"], check=False)
+        appliance.agent.run(["systemctl", "reset-failed", "evlu-lio-tcmu"], check=False)
 
 
 def wait_ready(vm: Appliance, iqn: str, lun: int, *login: str) -> None:

@@ -1,8 +1,8 @@
 """targetcli-evlu and stock targetcli in the appliance, against gatewayd on the real kernel.
 
-A key server and gatewayd of this module's own (configuration directory
-/var/lib/evlu-tc/conf, KMS port 5697, control socket /run/evlu-tc/control.sock)
-so the other VM tests' setup is untouched; every LIO object made here is
+The session's key server, and a gatewayd of this module's own (configuration
+directory /var/lib/evlu-tc/conf, control socket /run/evlu-tc/control.sock) so
+the other VM tests' setup is untouched; every LIO object made here is
 removed with stock ``targetcli clearconfig`` at the end.
 """
 
@@ -46,19 +46,16 @@ def shell(vm: Appliance, command: str, check: bool = True) -> str:
 
 
 @pytest.fixture(scope="module")
-def gatewayd(appliance: Appliance) -> Iterator[None]:
+def gatewayd(appliance: Appliance, guest_kms: str) -> Iterator[None]:
     sh(appliance, f"""
-        mkdir -p {DIR}
-        evlu kms init --port 5697 >/dev/null && evlu kms enroll appliance >/dev/null
-        systemd-run --unit=evlu-tc-kms {UNIT_ENV} /opt/evlu-gateway/venv/bin/evlu kms serve
-        for i in $(seq 120); do evlu kms status >/dev/null 2>&1 && break; sleep 1; done
+        {guest_kms.format(dir=CONF)}
         systemd-run --unit=evlu-tc-gatewayd {UNIT_ENV} /opt/evlu-gateway/venv/bin/python \\
             -m gateway.daemon --socket {SOCKET} --dbus off --metrics off
         for i in $(seq 120); do test -S {SOCKET} && break; sleep 1; done
     """, timeout=400)
     yield
     appliance.agent.run(ENV + "targetcli clearconfig confirm=True", check=False, timeout=120)
-    appliance.agent.run(["systemctl", "stop", "evlu-tc-gatewayd", "evlu-tc-kms"], check=False)
+    appliance.agent.run(["systemctl", "stop", "evlu-tc-gatewayd"], check=False)
 
 
 def test_status_create_and_initiator(appliance: Appliance, gatewayd: None) -> None:

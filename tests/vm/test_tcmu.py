@@ -52,15 +52,11 @@ def sha(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(appliance: Appliance) -> Iterator[dict]:
+def served(appliance: Appliance, guest_kms: str) -> Iterator[dict]:
     """KMS up, three eVLUs (ok, shredded key, waiting for the KMS), the handler serving them."""
     start = time.monotonic()
     sh(appliance, f"""
         mkdir -p {LUNDIR}
-        evlu kms init >/dev/null && evlu kms enroll appliance >/dev/null
-        systemctl start evlu-kms
-        for i in $(seq 120); do evlu kms status >/dev/null 2>&1 && break; sleep 1; done
-        evlu kms status
         for n in 0 1 2; do truncate -s 64M {LUNDIR}/lun$n.img; done
         for n in 0 1 2; do evlu format {LUNDIR}/lun$n.img --kms -q --yes >/dev/null; done
         evlu shred {LUNDIR}/lun1.img --yes >/dev/null
