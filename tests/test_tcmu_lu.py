@@ -205,16 +205,18 @@ def _encrypted_memory_volume(blocks: int, block_size: int = 512) -> Volume:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), cmdr_kib=st.sampled_from([2, 8, 64]),
-       shuffle=st.booleans(), block_size=st.sampled_from([512, 4096]))
+       shuffle=st.booleans(), block_size=st.sampled_from([512, 4096]),
+       workers=st.sampled_from([0, 4]))
 def test_random_command_mixes_match_a_model(seed: int, cmdr_kib: int, shuffle: bool,
-                                            block_size: int) -> None:
+                                            block_size: int, workers: int) -> None:
     """Writes, reads, WRITE SAME, UNMAP, COMPARE AND WRITE and SYNCHRONIZE CACHE, queued
-    concurrently over small rings: every read sees exactly the writes queued before it."""
+    concurrently over small rings (run by workers, or by the ring thread itself): every
+    read sees exactly the writes queued before it."""
     rnd = random.Random(seed)
     blocks = 128
     vol = _encrypted_memory_volume(blocks, block_size)
     h = Harness(vol, cmdr_size=cmdr_kib * 1024, data_size=1 << 20,
-                seed=seed if shuffle else None)
+                seed=seed if shuffle else None, workers=workers)
     model = bytearray(blocks * block_size)
     expect: dict[int, tuple[int, bytes]] = {}
     try:
