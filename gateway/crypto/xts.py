@@ -45,7 +45,7 @@ _U64 = np.uint64
 # build machine (cryptography 50, numpy 2.4; bench/xts.py).
 _BATCH_BYTES = {512: 24 * 1024, 1024: 14 * 1024, 2048: 16 * 2048, 4096: 20 * 4096}
 _SMALL_BYTES = 4 * 512
-_SHORT_SECTORS = _BATCH_BYTES[512] // 512  # the short route's usual most
+_SHORT_CAPACITY = _BATCH_BYTES[512] // 512  # sectors: the short route's scratch
 _CHUNK = 256 * 1024  # bytes xored and encrypted per step: keeps the chunk in L2
 _SPAN = 1024 * 1024  # bytes whose tweak records are built at once
 _CHUNK_VS = _CHUNK // 512  # virtual sectors: 32 blocks, one tweak base each
@@ -195,7 +195,7 @@ class SectorCipher:
     def _small(self, buf: Any, sector: int, encrypt: bool) -> None:
         """In place over a few 512-byte sectors (see :func:`_small`)."""
         contexts = self._thread_contexts()
-        _small(np.frombuffer(buf, _U64), self._first_iv(sector), contexts.tweak,
+        _small(buf, len(buf) // 512, self._first_iv(sector), contexts.tweak,
                contexts.encrypt if encrypt else contexts.decrypt)
 
 
@@ -319,50 +319,63 @@ _THREAD = threading.local()
 # The short route, for a few 512-byte sectors of 32 blocks each: with the sector's
 # tweak base V = (lo, hi), block b's tweak V * alpha**b (b < 32, see above) is
 #   (lo << b ^ r(hi >> 64-b), hi << b ^ lo >> 64-b),
-# computed for all (sector, b) at once in a handful of numpy calls (numpy shifts
-# by 64 or more give 0, which covers b = 0).
+# the xor of five terms per half, all built by two broadcast shifts and summed by
+# one reduction (numpy shifts by 64 or more give 0: that covers b = 0 and the
+# terms a half does not have).  Its fixed cost is numpy's per-call overhead, so
+# each thread keeps the views for each sector count it has seen.
 _B = np.arange(32, dtype=_U64)
 _CUT = _U64(64) - _B
 _R_SHIFTS = np.array([[0, 0], [1, 64], [2, 64], [7, 64]], _U64).reshape(4, 1, 2, 1)
 
 
 class _Short:
-    """One thread's scratch for the short route, for up to ``capacity`` sectors."""
+    """Views, over one thread's scratch, for the short route over ``n`` sectors."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.iv = np.zeros((capacity, 2), _U64)
-        self.steps = np.arange(capacity, dtype=_U64)
-        self.encrypted_iv = np.empty(capacity * 16 + 16, np.uint8)
-        self.cut = np.empty((capacity, 2, 32), _U64)
-        self.terms = np.empty((4, capacity, 2, 32), _U64)
-        self.tweaks = np.empty((capacity, 32, 2), _U64)
-        self.work = np.empty(capacity * 512 + 16, np.uint8)
+    def __init__(self, arrays: tuple[np.ndarray, ...], n: int) -> None:
+        iv, encrypted_iv, terms, tweaks, work = arrays
+        self.iv_low = iv[:n, 0]
+        self.iv_bytes = iv[:n].reshape(-1).view(np.uint8)
+        self.steps = np.arange(n, dtype=_U64)
+        self.encrypted_iv = encrypted_iv[:n * 16 + 16]  # the AES output needs 16 bytes of slack
+        base = encrypted_iv[:n * 16].view(_U64).reshape(n, 2, 1)  # (lo, hi) of each sector
+        self.base, self.swapped = base, base[:, ::-1]
+        self.terms = terms[:, :n]
+        self.cuts, self.r_terms, self.shifted = self.terms[1], self.terms[1:], self.terms[0]
+        self.tweaks = tweaks[:n]
+        self.tweak_halves = self.tweaks.transpose(0, 2, 1)
+        self.work, self.work_in = work[:n * 512 + 16], work[:n * 512]
+        self.work_blocks = self.work_in.view(_U64).reshape(n, 32, 2)
 
 
-def _small(words: np.ndarray, first_iv: int, tweak_aes: Callable, aes: Callable) -> None:
-    """``words = aes(words ^ T) ^ T`` in place over 512-byte sectors from ``first_iv``."""
-    n = len(words) // 64
-    short: _Short | None = getattr(_THREAD, "short", None)
-    if short is None or short.capacity < n:
-        short = _THREAD.short = _Short(max(n, _SHORT_SECTORS))
-    iv = short.iv[:n]
-    np.add(short.steps[:n], _U64(first_iv), out=iv[:, 0])  # wraps at 2**64, as plain64
-    tweak_aes(iv.reshape(-1).view(np.uint8), short.encrypted_iv[:n * 16 + 16])
-    v = short.encrypted_iv[:n * 16].view(_U64).reshape(n, 2, 1)  # (lo, hi) of each base
-    cut, terms = short.cut[:n], short.terms[:, :n]
-    np.right_shift(v[:, ::-1], _CUT, out=cut)  # hi >> 64-b, lo >> 64-b
-    np.left_shift(cut, _R_SHIFTS, out=terms)  # r()'s four terms of the first; the second once
-    tweaks = short.tweaks[:n]
-    by_half = tweaks.transpose(0, 2, 1)
-    np.bitwise_xor.reduce(terms, axis=0, out=by_half)
-    np.left_shift(v, _B, out=cut)
-    by_half ^= cut
-    blocks = words.reshape(n, 32, 2)
-    work = short.work[:n * 512].view(_U64).reshape(n, 32, 2)
-    np.bitwise_xor(blocks, tweaks, out=work)
-    aes(short.work[:n * 512], short.work[:n * 512 + 16])
-    np.bitwise_xor(work, tweaks, out=blocks)
+def _short_views(n: int) -> _Short:
+    """This thread's views for ``n`` sectors (scratch of ~170 KiB for the usual sizes)."""
+    shorts: dict[int, _Short] | None = getattr(_THREAD, "shorts", None)
+    if shorts is None or n not in shorts:
+        capacity = max(n, _SHORT_CAPACITY)
+        arrays = getattr(_THREAD, "short_arrays", None)
+        if arrays is None or len(arrays[0]) < capacity:
+            arrays = _THREAD.short_arrays = (
+                np.zeros((capacity, 2), _U64), np.empty(capacity * 16 + 16, np.uint8),
+                np.empty((5, capacity, 2, 32), _U64), np.empty((capacity, 32, 2), _U64),
+                np.empty(capacity * 512 + 16, np.uint8))
+            shorts = _THREAD.shorts = {}
+        shorts[n] = _Short(arrays, n)
+    return shorts[n]
+
+
+def _small(buf: Any, n: int, first_iv: int, tweak_aes: Callable, aes: Callable) -> None:
+    """``buf = aes(buf ^ T) ^ T`` in place over ``n`` 512-byte sectors from ``first_iv``."""
+    short = _short_views(n)
+    np.add(short.steps, _U64(first_iv), out=short.iv_low)  # wraps at 2**64, as plain64
+    tweak_aes(short.iv_bytes, short.encrypted_iv)
+    np.right_shift(short.swapped, _CUT, out=short.cuts)  # hi >> 64-b, lo >> 64-b
+    np.left_shift(short.cuts, _R_SHIFTS, out=short.r_terms)  # in place: row 0 shifts by 0
+    np.left_shift(short.base, _B, out=short.shifted)  # lo << b, hi << b
+    np.bitwise_xor.reduce(short.terms, axis=0, out=short.tweak_halves)
+    blocks = np.frombuffer(buf, _U64).reshape(n, 32, 2)
+    np.bitwise_xor(blocks, short.tweaks, out=short.work_blocks)
+    aes(short.work_in, short.work)
+    np.bitwise_xor(short.work_blocks, short.tweaks, out=blocks)
 
 
 def _batch() -> _Batch:
