@@ -205,16 +205,18 @@ def _encrypted_memory_volume(blocks: int, block_size: int = 512) -> Volume:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), cmdr_kib=st.sampled_from([2, 8, 64]),
-       shuffle=st.booleans(), block_size=st.sampled_from([512, 4096]))
+       shuffle=st.booleans(), block_size=st.sampled_from([512, 4096]),
+       workers=st.sampled_from([0, 4]))
 def test_random_command_mixes_match_a_model(seed: int, cmdr_kib: int, shuffle: bool,
-                                            block_size: int) -> None:
+                                            block_size: int, workers: int) -> None:
     """Writes, reads, WRITE SAME, UNMAP, COMPARE AND WRITE and SYNCHRONIZE CACHE, queued
-    concurrently over small rings: every read sees exactly the writes queued before it."""
+    concurrently over small rings (run by workers, or by the ring thread itself): every
+    read sees exactly the writes queued before it."""
     rnd = random.Random(seed)
     blocks = 128
     vol = _encrypted_memory_volume(blocks, block_size)
     h = Harness(vol, cmdr_size=cmdr_kib * 1024, data_size=1 << 20,
-                seed=seed if shuffle else None)
+                seed=seed if shuffle else None, workers=workers)
     model = bytearray(blocks * block_size)
     expect: dict[int, tuple[int, bytes]] = {}
     try:
@@ -257,6 +259,55 @@ def test_random_command_mixes_match_a_model(seed: int, cmdr_kib: int, shuffle: b
             assert (c.status, c.data_in) == (status, data), (cid, c)
         assert bytes(vol.read(0, blocks)) == model
         assert h.k.last_cleaned == h.k.head  # everything reaped, ring consistent
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("workers", [0, 4])
+@pytest.mark.parametrize("block_size", [512, 4096])
+def test_reads_land_decrypted_in_scattered_and_short_buffers(workers: int,
+                                                             block_size: int) -> None:
+    """Data placement of the READ/WRITE path: reads into one iovec or many (shuffled data
+    blocks), into buffers shorter than the transfer, and writes from many iovecs, all
+    equal the plaintext; the backing store holds ciphertext only."""
+    blocks = 256
+    vol = _encrypted_memory_volume(blocks, block_size)
+    h = Harness(vol, data_size=4 << 20, seed=7, workers=workers)
+    try:
+        data = os.urandom(blocks * block_size)
+        for lba in range(0, blocks, 64):  # 64 blocks: several shuffled 4 KiB data blocks
+            chunk = data[lba * block_size:(lba + 64) * block_size]
+            assert h.run(write16(lba, 64), chunk).status == 0
+        ciphertext = bytes(vol.backstore.pread(blocks * block_size, vol.data_offset))
+        assert ciphertext != data and data[:4096] not in ciphertext
+        for lba, n in [(0, 1), (3, 8), (17, 64), (100, 156), (255, 1)]:
+            c = h.run(read16(lba, n), data_in_len=n * block_size)
+            assert (c.status, c.read_len) == (0, n * block_size)
+            assert c.data_in == data[lba * block_size:(lba + n) * block_size]
+        for lba, n, room in [(5, 16, 3 * block_size - 512 * (block_size > 512)),
+                             (40, 100, 4096 + 512)]:
+            c = h.run(read16(lba, n), data_in_len=room)  # the buffer holds less than asked
+            assert (c.status, c.read_len) == (0, room)
+            assert c.data_in == data[lba * block_size:lba * block_size + room]
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("workers", [0, 4])
+def test_key_withdrawn_between_commands_stops_reads_at_once(workers: int) -> None:
+    """A state change between commands on the same ring: the next read is refused, no
+    data reaches the buffer, and nothing is written."""
+    vol = _encrypted_memory_volume(64)
+    h = Harness(vol, data_size=1 << 20, seed=3, workers=workers)
+    try:
+        data = os.urandom(16 * BS)
+        assert h.run(write16(0, 16), data).status == 0
+        assert h.run(read16(0, 16), data_in_len=16 * BS).data_in == data
+        vol.withdraw_key("k", "revoked for the test")
+        c = h.run(read16(0, 16), data_in_len=16 * BS)
+        assert c.status == 2 and key_of(c.sense) == (0x7, 0x74, 0x71) and not c.data_in
+        assert h.run(write16(0, 1), bytes(BS)).status == 2
+        assert bytes(vol.backstore.pread(16 * BS, vol.data_offset)) != bytes(16 * BS)
     finally:
         h.close()
 

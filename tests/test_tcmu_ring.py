@@ -197,10 +197,10 @@ def _serve(k: SimKernel, lu: DiskLU, workers: int = 4) -> tuple[RingDevice, mmap
 
 
 def run_mix(k: SimKernel, lu: DiskLU, ops: list[tuple[str, int, int]], blocks: int,
-            timeout: float = 30.0) -> dict[int, Completion]:
+            timeout: float = 30.0, workers: int = 4) -> dict[int, Completion]:
     """Queue ``ops`` (read/write, lba, n) as fast as the ring allows; check every result
     against a model that applies writes in queue order."""
-    dev, _m = _serve(k, lu)
+    dev, _m = _serve(k, lu, workers)
     model = bytearray(blocks * BS)
     expected: dict[int, bytes] = {}
     done: dict[int, Completion] = {}
@@ -238,8 +238,9 @@ def run_mix(k: SimKernel, lu: DiskLU, ops: list[tuple[str, int, int]], blocks: i
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), cmdr_kib=st.sampled_from([1, 2, 4, 16]),
-       shuffle=st.booleans())
-def test_random_mixes_over_random_rings(seed: int, cmdr_kib: int, shuffle: bool) -> None:
+       shuffle=st.booleans(), workers=st.sampled_from([0, 4]))
+def test_random_mixes_over_random_rings(seed: int, cmdr_kib: int, shuffle: bool,
+                                        workers: int) -> None:
     rnd = random.Random(seed)
     blocks = 64
     ops = []
@@ -249,7 +250,7 @@ def test_random_mixes_over_random_rings(seed: int, cmdr_kib: int, shuffle: bool)
     k = SimKernel(cmdr_size=cmdr_kib * 1024, data_size=256 << 10,
                   rng=random.Random(seed) if shuffle else None)
     try:
-        run_mix(k, DiskLU(blocks, jitter=0.002, seed=seed), ops, blocks)
+        run_mix(k, DiskLU(blocks, jitter=0.002, seed=seed), ops, blocks, workers=workers)
         assert k.last_cleaned == k.head
     finally:
         k.close()

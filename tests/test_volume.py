@@ -122,6 +122,34 @@ def test_unwritten_and_unmapped_read_zero(small_evlu, kek):
     assert out[:1024] == b"\xaa" * 1024 and not any(out[1024:2560]) and out[2560:4096] == b"\xaa" * 1536
 
 
+@pytest.mark.parametrize("nblocks", [1, 8, 300])  # per-sector, short and batched cipher routes
+def test_only_all_zero_ciphertext_sectors_read_as_zero(small_evlu, kek, nblocks):
+    """A sector is a hole only when all of its ciphertext is zero: sectors that start
+    with zero words but are not all zero still decrypt, whatever their neighbours."""
+    dev, _, _ = small_evlu
+    vol = Volume.open(dev, key_source=SyncSource({"k1": kek}))
+    cipher, offset = vol._cipher, vol.data_offset
+    raw = bytearray(os.urandom(nblocks * 512))
+    kinds = ["data", "hole", "zero-head", "zero-but-last"]
+    for i in range(nblocks):
+        kind = kinds[i % 4]
+        sector = memoryview(raw)[i * 512:(i + 1) * 512]
+        if kind == "hole":
+            sector[:] = bytes(512)
+        elif kind == "zero-head":
+            sector[:16] = bytes(16)
+            sector[16] |= 1
+        elif kind == "zero-but-last":
+            sector[:511] = bytes(511)
+            sector[511] |= 1
+    dev.pwrite(raw, offset + 512 * 7)
+    out = vol.read(7, nblocks)
+    for i in range(nblocks):
+        got, ciphertext = out[i * 512:(i + 1) * 512], bytes(raw[i * 512:(i + 1) * 512])
+        want = bytes(512) if kinds[i % 4] == "hole" else cipher.decrypt(ciphertext, 7 + i)
+        assert got == want, (i, kinds[i % 4])
+
+
 def test_plain_volume_passthrough_and_policy():
     dev = MemoryBackstore(1 << 20)
     vol = Volume.open(dev, allow_plain=True)

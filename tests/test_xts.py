@@ -31,11 +31,15 @@ def reference(key: bytes, data: bytes, sector: int, sector_size: int, iv_tweak: 
     return bytes(out)
 
 
-@pytest.fixture(params=["dispatch", "batched"])
+@pytest.fixture(params=["dispatch", "batched", "short"])
 def path(request, monkeypatch):
-    """Run a test as shipped, and again with every size on the batched path."""
+    """Run a test as shipped, again with every size on the batched path, and again
+    with every 512-byte-sector buffer on the short route."""
     if request.param == "batched":
         monkeypatch.setattr(xts, "_BATCH_BYTES", dict.fromkeys(SECTOR_SIZES, 0))
+    elif request.param == "short":
+        monkeypatch.setattr(xts, "_SMALL_BYTES", 0)
+        monkeypatch.setattr(xts, "_BATCH_BYTES", dict.fromkeys(SECTOR_SIZES, 1 << 62))
     return request.param
 
 

@@ -4,12 +4,14 @@ XTS encrypts the 16-byte block ``j`` of a sector as ``E_k1(P ^ T_j) ^ T_j``
 with ``T_j = E_k2(IV) * alpha**j`` in GF(2**128); plain64 makes the IV the
 little-endian sector number counted in 512-byte units, plus ``iv_tweak``.
 
-A ``cryptography`` XTS call costs ~15 us of set-up whatever its length, so all
+A ``cryptography`` XTS call costs ~5 us of set-up whatever its length, so all
 but the smallest buffers take a batched path: one AES call encrypts every IV
 under k2, numpy expands the results into the tweaks of their sectors (see the
 comment above :class:`_Batch`), and one AES call per chunk does ``E_k1``
 between two xors.  That bulk AES runs on an XTS context whose tweak encrypts to
-zero (:func:`_aes_ecb`).
+zero (:func:`_aes_ecb`).  The batched path's fixed cost (~45-70 us) is paid
+back only from tens of KiB; below that, 512-byte sectors take a short numpy
+route (:func:`_small`, ~15-20 us for 4 KiB) and larger sectors one call each.
 """
 
 from __future__ import annotations
@@ -35,10 +37,15 @@ class CryptoError(ValueError):
 _SECTOR_SIZES = (512, 1024, 2048, 4096)
 _KEY_SIZES = (32, 64)
 _U64 = np.uint64
-# Below this many bytes one cryptography XTS call per sector (~15 us each) beats
-# the batched path (~45 us fixed for 512-byte sectors, ~75 us for 4096, whose
-# tweak bases need more arithmetic): the crossovers measured on the target.
-_BATCH_BYTES = {512: 4 * 512, 1024: 5 * 1024, 2048: 6 * 2048, 4096: 6 * 4096}
+# From this many bytes the batched path (~45 us fixed for 512-byte sectors, ~70
+# us for larger ones, whose tweak bases need more arithmetic) beats one
+# cryptography XTS call per sector (~5 us each) and, for 512-byte sectors, the
+# short route; from _SMALL_BYTES, 512-byte sectors take the short route (~15 us
+# fixed, ~0.5 us a sector) rather than one call each.  Crossovers measured on the
+# build machine (cryptography 50, numpy 2.4; bench/xts.py).
+_BATCH_BYTES = {512: 24 * 1024, 1024: 14 * 1024, 2048: 16 * 2048, 4096: 20 * 4096}
+_SMALL_BYTES = 4 * 512
+_SHORT_CAPACITY = _BATCH_BYTES[512] // 512  # sectors: the short route's scratch
 _CHUNK = 256 * 1024  # bytes xored and encrypted per step: keeps the chunk in L2
 _SPAN = 1024 * 1024  # bytes whose tweak records are built at once
 _CHUNK_VS = _CHUNK // 512  # virtual sectors: 32 blocks, one tweak base each
@@ -113,8 +120,16 @@ class SectorCipher:
 
     # -- dispatch -------------------------------------------------------------
 
+    def _short(self, size: int) -> bool:
+        """Whether a buffer of ``size`` bytes takes the short numpy route."""
+        return self.sector_size == 512 and _SMALL_BYTES <= size < self._batch_bytes
+
     def _crypt(self, data: Any, sector: int, *, encrypt: bool) -> bytes:
         src, sector = self._check(data, sector)
+        if self._short(len(src)):
+            out = bytearray(src)
+            self._small(out, sector, encrypt)
+            return bytes(out)
         if len(src) < self._batch_bytes:
             return b"".join(self._per_sector(src, sector, encrypt))
         # A fresh numpy array beside the fresh result would make glibc unmap and
@@ -127,6 +142,9 @@ class SectorCipher:
         view, sector = self._check(buf, sector)
         if view.readonly:
             raise TypeError("buf must be a writable buffer")
+        if self._short(len(view)):
+            self._small(view, sector, encrypt)
+            return
         if len(view) < self._batch_bytes:
             size = self.sector_size
             for i, out in enumerate(self._per_sector(view, sector, encrypt)):
@@ -163,12 +181,22 @@ class SectorCipher:
 
     # -- batched ---------------------------------------------------------------
 
-    def _batched(self, src: np.ndarray, dst: np.ndarray, sector: int, encrypt: bool) -> None:
+    def _thread_contexts(self) -> _Contexts:
         contexts = getattr(self._contexts, "value", None)
         if contexts is None:
             contexts = self._contexts.value = _Contexts(self._key)
+        return contexts
+
+    def _batched(self, src: np.ndarray, dst: np.ndarray, sector: int, encrypt: bool) -> None:
+        contexts = self._thread_contexts()
         _batch().run(src, dst, self._first_iv(sector), self.sector_size, contexts.tweak,
                      contexts.encrypt if encrypt else contexts.decrypt)
+
+    def _small(self, buf: Any, sector: int, encrypt: bool) -> None:
+        """In place over a few 512-byte sectors (see :func:`_small`)."""
+        contexts = self._thread_contexts()
+        _small(buf, len(buf) // 512, self._first_iv(sector), contexts.tweak,
+               contexts.encrypt if encrypt else contexts.decrypt)
 
 
 class _Contexts:
@@ -287,6 +315,67 @@ class _Batch:
 
 
 _THREAD = threading.local()
+
+# The short route, for a few 512-byte sectors of 32 blocks each: with the sector's
+# tweak base V = (lo, hi), block b's tweak V * alpha**b (b < 32, see above) is
+#   (lo << b ^ r(hi >> 64-b), hi << b ^ lo >> 64-b),
+# the xor of five terms per half, all built by two broadcast shifts and summed by
+# one reduction (numpy shifts by 64 or more give 0: that covers b = 0 and the
+# terms a half does not have).  Its fixed cost is numpy's per-call overhead, so
+# each thread keeps the views for each sector count it has seen.
+_B = np.arange(32, dtype=_U64)
+_CUT = _U64(64) - _B
+_R_SHIFTS = np.array([[0, 0], [1, 64], [2, 64], [7, 64]], _U64).reshape(4, 1, 2, 1)
+
+
+class _Short:
+    """Views, over one thread's scratch, for the short route over ``n`` sectors."""
+
+    def __init__(self, arrays: tuple[np.ndarray, ...], n: int) -> None:
+        iv, encrypted_iv, terms, tweaks, work = arrays
+        self.iv_low = iv[:n, 0]
+        self.iv_bytes = iv[:n].reshape(-1).view(np.uint8)
+        self.steps = np.arange(n, dtype=_U64)
+        self.encrypted_iv = encrypted_iv[:n * 16 + 16]  # the AES output needs 16 bytes of slack
+        base = encrypted_iv[:n * 16].view(_U64).reshape(n, 2, 1)  # (lo, hi) of each sector
+        self.base, self.swapped = base, base[:, ::-1]
+        self.terms = terms[:, :n]
+        self.cuts, self.r_terms, self.shifted = self.terms[1], self.terms[1:], self.terms[0]
+        self.tweaks = tweaks[:n]
+        self.tweak_halves = self.tweaks.transpose(0, 2, 1)
+        self.work, self.work_in = work[:n * 512 + 16], work[:n * 512]
+        self.work_blocks = self.work_in.view(_U64).reshape(n, 32, 2)
+
+
+def _short_views(n: int) -> _Short:
+    """This thread's views for ``n`` sectors (scratch of ~170 KiB for the usual sizes)."""
+    shorts: dict[int, _Short] | None = getattr(_THREAD, "shorts", None)
+    if shorts is None or n not in shorts:
+        capacity = max(n, _SHORT_CAPACITY)
+        arrays = getattr(_THREAD, "short_arrays", None)
+        if arrays is None or len(arrays[0]) < capacity:
+            arrays = _THREAD.short_arrays = (
+                np.zeros((capacity, 2), _U64), np.empty(capacity * 16 + 16, np.uint8),
+                np.empty((5, capacity, 2, 32), _U64), np.empty((capacity, 32, 2), _U64),
+                np.empty(capacity * 512 + 16, np.uint8))
+            shorts = _THREAD.shorts = {}
+        shorts[n] = _Short(arrays, n)
+    return shorts[n]
+
+
+def _small(buf: Any, n: int, first_iv: int, tweak_aes: Callable, aes: Callable) -> None:
+    """``buf = aes(buf ^ T) ^ T`` in place over ``n`` 512-byte sectors from ``first_iv``."""
+    short = _short_views(n)
+    np.add(short.steps, _U64(first_iv), out=short.iv_low)  # wraps at 2**64, as plain64
+    tweak_aes(short.iv_bytes, short.encrypted_iv)
+    np.right_shift(short.swapped, _CUT, out=short.cuts)  # hi >> 64-b, lo >> 64-b
+    np.left_shift(short.cuts, _R_SHIFTS, out=short.r_terms)  # in place: row 0 shifts by 0
+    np.left_shift(short.base, _B, out=short.shifted)  # lo << b, hi << b
+    np.bitwise_xor.reduce(short.terms, axis=0, out=short.tweak_halves)
+    blocks = np.frombuffer(buf, _U64).reshape(n, 32, 2)
+    np.bitwise_xor(blocks, short.tweaks, out=short.work_blocks)
+    aes(short.work_in, short.work)
+    np.bitwise_xor(short.work_blocks, short.tweaks, out=blocks)
 
 
 def _batch() -> _Batch:

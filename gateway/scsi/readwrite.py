@@ -86,8 +86,11 @@ def _write(lu: LogicalUnit, xfer: Transfer, flags: int, lba: int, count: int,
     if size > xfer.length:
         return SHORT_DATA_OUT
     data = xfer.data_out(size)
-    with lu.locks.hold(lba, count):
+    span = lu.locks.acquire(lba, count)  # not ``with hold()``: this is every WRITE's path
+    try:
         lu.write(lba, data, bool(flags & 0x08))
+    finally:
+        lu.locks.release(span)
     return GOOD_RESULT
 
 

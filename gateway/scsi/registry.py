@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .sense import Result
@@ -31,13 +31,13 @@ class Command:
     handler: Handler
     unit_attention: bool  # False: runs, and does not report, with a unit attention pending
     available: Callable[[LogicalUnit], bool] | None  # None: always supported
+    cdb_length: int = field(init=False)  # len(usage), kept: dispatch reads it every command
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cdb_length", len(self.usage))
 
     def supported_by(self, lu: LogicalUnit) -> bool:
         return self.available is None or self.available(lu)
-
-    @property
-    def cdb_length(self) -> int:
-        return len(self.usage)
 
 
 class Registry:

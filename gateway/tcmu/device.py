@@ -3,9 +3,11 @@
 The ring thread owns ``cmd_tail``: it reads the kernel's wake-up count
 first, then fetches every new entry, hands commands to a pool of workers
 (I/O and crypto run there, so the ring keeps moving), and completes what the
-workers finished in batches, kicking the kernel once per batch.  A command
-that overlaps an earlier unfinished one waits for it when either writes
-(:mod:`.ordering`).  FUA and SYNCHRONIZE CACHE reach the logical unit as such.
+workers finished in batches, one tail update and one kick per batch.  A
+command that overlaps an earlier unfinished one waits for it when either
+writes (:mod:`.ordering`).  With no workers the ring thread runs each command
+as it fetches it, in arrival order, so nothing needs ordering.  FUA and
+SYNCHRONIZE CACHE reach the logical unit as such.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ class RingDevice:
         # or memory backstores where a command never waits long)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"tcmu-{name or 'dev'}") \
             if workers else None
+        self._read_len = self.ring.read_len_supported
         self._finished: collections.deque[tuple[Command, Reply]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._running: dict[int, Access | None] = {}
+        self._woken = False  # a worker has written _wake since the ring thread last looked
+        self._running: dict[int, Access | None] = {}  # launched on workers, not completed
+        self._writing = 0  # how many of them write
         self._waiting: collections.deque[tuple[Command, Access]] = collections.deque()
         self._stop = False
         self._abandon = False  # stop() timed out: fail what is unfinished
@@ -116,6 +121,9 @@ class RingDevice:
                             os.eventfd_read(self._wake)
                         except BlockingIOError:
                             pass
+                        # after the read (a worker's write is never consumed unseen) and
+                        # before _complete takes what the workers finished
+                        self._woken = False
                     elif not self.doorbell.ack():
                         self.gone = True
                         self._stop = True
@@ -155,56 +163,71 @@ class RingDevice:
                 _log.error("TCMU device %s: command %d unusable: %s", self.name, item.cmd_id,
                            item.problem)
                 self._finished.append((item, HARDWARE_FAILURE))
-                continue
-            span = access(item.cdb)
-            if span is not None and (self._blocked(span) or
-                                     any(span.conflicts(w) for _, w in self._waiting)):
-                self._waiting.append((item, span))
+            elif self._pool is None:
+                self._finished.append((item, self._execute(item)))
             else:
-                self._launch(item, span)
+                span = access(item.cdb)
+                if span is not None and (self._waiting or self._blocked(span)):
+                    self._waiting.append((item, span))
+                else:
+                    self._launch(item, span)
 
     def _blocked(self, span: Access) -> bool:
+        """Whether ``span`` overlaps a running or waiting command and either writes."""
+        if not (span.writes or self._writing) and not self._waiting:
+            return False  # reads among reads: the common case, decided without a scan
         return any(other is not None and span.conflicts(other)
-                   for other in self._running.values())
+                   for other in self._running.values()) or \
+            any(span.conflicts(w) for _, w in self._waiting)
 
     def _launch(self, cmd: Command, span: Access | None) -> None:
         self._running[cmd.cmd_id] = span
-        if self._pool is None:
-            self._work(cmd)
-        else:
-            self._pool.submit(self._work, cmd)
+        if span is not None and span.writes:
+            self._writing += 1
+        assert self._pool is not None
+        self._pool.submit(self._work, cmd)
 
-    def _work(self, cmd: Command) -> None:
+    def _execute(self, cmd: Command) -> Reply:
         xfer = IovecTransfer(self.mem, cmd.iovecs)
         try:
             reply: Reply = self.lu.execute(cmd.cdb, xfer)
-            if not self.ring.read_len_supported and reply.data_in_len < xfer.length:
+            if not self._read_len and reply.data_in_len < xfer.length:
                 xfer.zero_from(reply.data_in_len)
         except Exception:  # noqa: BLE001 - a command never takes the device down
             _log.exception("TCMU device %s: command %d failed", self.name, cmd.cmd_id)
             reply = HARDWARE_FAILURE
-        self._finished.append((cmd, reply))
-        if self._pool is not None:
+        return reply
+
+    def _work(self, cmd: Command) -> None:
+        """A worker: run ``cmd``, queue its reply, wake the ring thread unless already woken."""
+        self._finished.append((cmd, self._execute(cmd)))
+        if not self._woken:
+            self._woken = True
             os.eventfd_write(self._wake, 1)
 
     def _complete(self) -> None:
-        count = 0
-        while self._finished:
-            cmd, reply = self._finished.popleft()
-            self.ring.complete(cmd.cmd_id, reply.status, reply.sense, reply.data_in_len)
-            self._running.pop(cmd.cmd_id, None)
-            count += 1
-        if count:
+        finished = self._finished
+        if not finished:
+            return
+        replies = []
+        while finished:
+            cmd, reply = finished.popleft()
+            replies.append((cmd.cmd_id, reply.status, reply.sense, reply.data_in_len))
+            if self._running:
+                span = self._running.pop(cmd.cmd_id, None)
+                if span is not None and span.writes:
+                    self._writing -= 1
+        self.ring.complete_all(replies)
+        if self._waiting:
             self._release()
-            self.ring.skip_to_cursor()
-            self.doorbell.kick()
+        self.ring.skip_to_cursor()
+        self.doorbell.kick()
 
     def _release(self) -> None:
         """Start waiting commands that no longer overlap anything before them."""
-        still: collections.deque[tuple[Command, Access]] = collections.deque()
-        for cmd, span in self._waiting:
-            if self._blocked(span) or any(span.conflicts(w) for _, w in still):
-                still.append((cmd, span))
+        waiting, self._waiting = self._waiting, collections.deque()
+        for cmd, span in waiting:  # _blocked sees those still waiting before this one
+            if self._blocked(span):
+                self._waiting.append((cmd, span))
             else:
                 self._launch(cmd, span)
-        self._waiting = still

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import NamedTuple
 
 MAILBOX_SIZE = 128
 VERSION = 2
@@ -53,22 +54,22 @@ _HEAD_WORD, _TAIL_WORD = 12 // 4, 64 // 4
 _IOV = struct.Struct("<QQ")
 _REQ = struct.Struct("<III4xQ")  # iov_cnt, iov_bidi_cnt, iov_dif_cnt, pad, cdb_off
 _RSP = struct.Struct("<BxxxI")  # scsi_status, pads, read_len
+_HDR = struct.Struct("<IH")  # len_op, cmd_id
+_NO_SENSE = bytes(SENSE_SIZE)
 
 
 class RingError(Exception):
     """The ring is inconsistent (a malformed entry): the device must be reset."""
 
 
-@dataclass(frozen=True)
-class Iovec:
+class Iovec(NamedTuple):
     """A piece of a command's data buffer: ``length`` bytes at ``offset`` in the mapping."""
 
     offset: int
     length: int
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """A SCSI command taken off the ring (copied out: its slot may be reused)."""
 
     cmd_id: int
@@ -81,8 +82,7 @@ class Command:
         return sum(v.length for v in self.iovecs)
 
 
-@dataclass(frozen=True)
-class TaskManagement:
+class TaskManagement(NamedTuple):
     """A TMR entry (only with ``tmr_notification``): the kernel aborted or reset commands."""
 
     tmr_type: int
@@ -164,19 +164,25 @@ class Ring:
         head = self.head
         self._check_offset(head, "cmd_head")
         out: list[Command | TaskManagement] = []
-        while self.cursor != head:
-            op, length = self._entry(self.cursor)
+        ring, size, cursor = self.ring, self.cmdr_size, self.cursor
+        while cursor != head:
+            if cursor + HDR_SIZE > size:
+                raise RingError(f"entry header at {cursor} crosses the end of the ring")
+            len_op, cmd_id = _HDR.unpack_from(ring, cursor)
+            op, length = len_op & 7, len_op & ~7
+            if length < HDR_SIZE or cursor + length > size:
+                raise RingError(f"entry at {cursor} has bad length {length} (op {op})")
             if op == OP_CMD:
-                out.append(self._command(self.cursor, length))
+                out.append(self._command(cursor, length, cmd_id))
             elif op == OP_TMR:
-                out.append(self._tmr(self.cursor, length))
+                out.append(self._tmr(cursor, length))
             elif op != OP_PAD:
-                self.ring[self.cursor + 7] |= UFLAG_UNKNOWN_OP
-            self.cursor = (self.cursor + length) % self.cmdr_size
+                ring[cursor + 7] |= UFLAG_UNKNOWN_OP
+            cursor = (cursor + length) % size
+            self.cursor = cursor
         return out
 
-    def _command(self, offset: int, length: int) -> Command:
-        cmd_id = _U16.unpack_from(self.ring, offset + 4)[0]
+    def _command(self, offset: int, length: int, cmd_id: int) -> Command:
         if length < ENTRY_SIZE:
             raise RingError(f"CMD entry at {offset} shorter than {ENTRY_SIZE} bytes")
         iov_cnt, bidi_cnt, dif_cnt, cdb_off = _REQ.unpack_from(self.ring, offset + HDR_SIZE)
@@ -197,10 +203,12 @@ class Ring:
             problems.append(f"CDB offset {cdb_off} outside the ring")
         else:
             cdb_len = min(scsi_cdb_length(self.mem[cdb_off:min(cdb_off + 8, ring_hi)]), MAX_CDB)
-            cdb = bytes(self.mem[cdb_off:min(cdb_off + cdb_len, ring_hi)])
+            cdb = self.mem[cdb_off:min(cdb_off + cdb_len, ring_hi)].tobytes()
         if bidi_cnt or dif_cnt:
             problems.append("bidirectional or DIF iovecs are not supported")
-        return Command(cmd_id, cdb, tuple(iovecs) if not problems else (), "; ".join(problems))
+        if problems:
+            return Command(cmd_id, cdb, (), "; ".join(problems))
+        return Command(cmd_id, cdb, tuple(iovecs))
 
     def _tmr(self, offset: int, length: int) -> TaskManagement:
         tmr_type, cmd_cnt = _U32.unpack_from(self.ring, offset + 8)[0], \
@@ -214,26 +222,39 @@ class Ring:
     def complete(self, cmd_id: int, status: int, sense: bytes = b"",
                  read_len: int | None = None) -> None:
         """Write one completion into the CMD slot at the tail and advance the tail."""
-        tail = self.tail
-        while True:
-            if tail == self.cursor:  # checked at every step: never write an unfetched entry
-                raise RingError("completion with no fetched command slot left at the tail")
-            op, length = self._entry(tail)
-            if op == OP_CMD:
-                break
-            tail = (tail + length) % self.cmdr_size  # the kernel skips PAD and TMR
-        slot = tail
-        _U16.pack_into(self.ring, slot + 4, cmd_id)
-        uflags = self.ring[slot + 7] & ~(UFLAG_READ_LEN | UFLAG_UNKNOWN_OP)
-        length_out = 0
-        if read_len is not None and self.read_len_supported:
-            uflags |= UFLAG_READ_LEN
-            length_out = read_len
-        self.ring[slot + 7] = uflags
-        _RSP.pack_into(self.ring, slot + HDR_SIZE, status & 0xFF, length_out)
-        sense = bytes(sense[:SENSE_SIZE])
-        self.ring[slot + 16:slot + 16 + SENSE_SIZE] = sense + bytes(SENSE_SIZE - len(sense))
-        self._set_tail((tail + length) % self.cmdr_size)
+        self.complete_all(((cmd_id, status, sense, read_len),))
+
+    def complete_all(self, replies: Iterable[tuple[int, int, bytes, int | None]]) -> None:
+        """Write completions ``(cmd_id, status, sense, read_len)`` into the CMD slots
+        from the tail on, then advance the tail once past them all."""
+        ring, size, cursor = self.ring, self.cmdr_size, self.cursor
+        read_len_ok = self.read_len_supported
+        tail = done = self.tail
+        try:
+            for cmd_id, status, sense, read_len in replies:
+                while True:
+                    if tail == cursor:  # checked at every step: never write an unfetched entry
+                        raise RingError("completion with no fetched command slot left at the tail")
+                    op, length = self._entry(tail)
+                    if op == OP_CMD:
+                        break
+                    tail = (tail + length) % size  # the kernel skips PAD and TMR
+                _U16.pack_into(ring, tail + 4, cmd_id)
+                uflags = ring[tail + 7] & ~(UFLAG_READ_LEN | UFLAG_UNKNOWN_OP)
+                length_out = 0
+                if read_len is not None and read_len_ok:
+                    uflags |= UFLAG_READ_LEN
+                    length_out = read_len
+                ring[tail + 7] = uflags
+                _RSP.pack_into(ring, tail + HDR_SIZE, status & 0xFF, length_out)
+                if sense:
+                    sense = bytes(sense[:SENSE_SIZE])
+                    ring[tail + 16:tail + 16 + SENSE_SIZE] = sense + bytes(SENSE_SIZE - len(sense))
+                else:
+                    ring[tail + 16:tail + 16 + SENSE_SIZE] = _NO_SENSE
+                tail = done = (tail + length) % size
+        finally:  # what was written before an error is complete
+            self._set_tail(done)
 
     def skip_to_cursor(self) -> None:
         """Advance the tail over PAD/TMR entries that precede no pending command."""

@@ -66,17 +66,14 @@ class _Inflight:
 
 
 def _runs(blocks: list[int], length: int, data_off: int) -> list[tuple[int, int]]:
-    """Iovecs for ``length`` bytes over ``blocks``: one per run of consecutive blocks."""
-    out: list[tuple[int, int]] = []
-    remaining = length
-    for dbi in blocks:
-        n = min(BLOCK, remaining)
-        if out and out[-1][0] + out[-1][1] == data_off + dbi * BLOCK:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((data_off + dbi * BLOCK, n))
-        remaining -= n
-    return out
+    """Iovecs for ``length`` bytes over ``blocks``: one per run of consecutive blocks
+    (every block is whole but the last; found with one pass over block pairs)."""
+    if not blocks:
+        return []
+    starts = [0, *(i for i, (a, b) in enumerate(zip(blocks, blocks[1:]), 1) if b != a + 1)]
+    ends = [*starts[1:], len(blocks)]
+    return [(data_off + blocks[s] * BLOCK, min((e - s) * BLOCK, length - s * BLOCK))
+            for s, e in zip(starts, ends)]
 
 
 class SimKernel:

@@ -13,24 +13,32 @@ class Gate:
     A waiting state change blocks new I/O, so it cannot be starved."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
+    def enter_shared(self) -> None:
+        """Take the gate shared (pair with :meth:`leave_shared`)."""
+        with self._lock:
             while self._exclusive or self._waiting:
                 self._cond.wait()
             self._shared += 1
+
+    def leave_shared(self) -> None:
+        with self._lock:
+            self._shared -= 1
+            if not self._shared and self._waiting:
+                self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.enter_shared()
         try:
             yield
         finally:
-            with self._cond:
-                self._shared -= 1
-                if not self._shared:
-                    self._cond.notify_all()
+            self.leave_shared()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
