@@ -169,6 +169,10 @@ def test_lun_add_of_an_evlu_a_dd_copy_and_a_larger_copy(gwd: Gatewayd, kms: KmsE
     with pytest.raises(ControlError) as err:
         gwd.call("lun.add", path=str(copy))
     assert err.value.code == Code.CONFLICT
+    # A shredded key is dropped from every LUN it unlocked: the volume and its copies.
+    dropped = gwd.call("lun.drop_key", lun="orig", reason="shredded")
+    assert dropped["state"] == "NO_KEY"
+    assert {gwd.call("lun.info", lun=n)["state"] for n in ("copy", "big")} == {"NO_KEY"}
 
 
 def test_refused_key_is_no_key(gwd: Gatewayd, kms: KmsEnv) -> None:

@@ -293,15 +293,18 @@ class Gatewayd:
 
     def api_lun_drop_key(self, params: dict[str, Any]) -> dict[str, Any]:
         """Forget the key a LUN was unlocked with (its KEK was just destroyed or revoked,
-        e.g. by 'evlu shred'): NO_KEY (DATA PROTECT) at once, not at the next restart."""
+        e.g. by 'evlu shred'): NO_KEY (DATA PROTECT) at once, not at the next restart, for
+        that LUN and every other one unlocked by the same key (its replicas)."""
         p = Params(params, ("lun", "reason"))
         lun = self.luns.find(p.get("lun", str, required=True))
         key_id = lun.volume.unlocked_by
         if key_id is not None:
             reason = p.get("reason", str, f"key {key_id} withdrawn by the administrator")
-            lun.volume.withdraw_key(key_id, reason)
-            _log.info("%s: key %s dropped: %s", lun.name, key_id, reason,
-                      extra={"lun": lun.name})
+            for other in self.luns.all():
+                if other.volume.unlocked_by == key_id:
+                    other.volume.withdraw_key(key_id, reason)
+                    _log.info("%s: key %s dropped: %s", other.name, key_id, reason,
+                              extra={"lun": other.name})
         return lun.info()
 
     def api_apply(self, params: dict[str, Any]) -> list[str]:
