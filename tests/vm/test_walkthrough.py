@@ -81,7 +81,7 @@ def test_walkthrough_runs_as_printed(appliance: Appliance, guest_kms: str) -> No
     try:
         for block in blocks:
             for step in block.steps:
-                result = appliance.agent.run(["bash", "-c", ENV + step.command + " 2>&1"],
+                result = appliance.agent.run(["bash", "-c", ENV + "exec 2>&1\n" + step.command],
                                              timeout=300, check=False)
                 output = result.text.rstrip("\n")
                 assert result.rc == 0, f"walkthrough command failed ({result.rc}):\n" \
