@@ -29,6 +29,8 @@ DIR = "/var/lib/evlu-lio"
 ETC = f"{DIR}/etc"
 ENV = (f"set -e; . /etc/default/evlu-gateway; export PATH PYTHONPATH PYTHONDONTWRITEBYTECODE; "
        f"export EVLU_CONFIG_DIR={ETC}; ")
+HANDLER = ("systemd-run --unit=evlu-lio-tcmu -p EnvironmentFile=/etc/default/evlu-gateway "
+           f"-E EVLU_CONFIG_DIR={ETC} /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus off")
 T1, T2 = "iqn.2003-01.org.example.evlu:t1", "iqn.2003-01.org.example.evlu:t2"
 H1, H2 = "iqn.2024-01.org.example:host1", "iqn.2024-01.org.example:host2"
 SECRETS = {"h1": "LioTestHost1Secret", "gw": "LioTestMutualSecret", "h2": "LioTestHost2Secret",
@@ -143,8 +145,7 @@ def gateway(appliance: Appliance, guest_kms: str) -> Iterator[Appliance]:
         evlu format {DIR}/a.img --kms -q --yes >/dev/null
         evlu format {DIR}/b.img --kms -q --yes --sector-size 4096 >/dev/null
         evlu format {DIR}/c.img --kms -q --yes >/dev/null
-        systemd-run --unit=evlu-lio-tcmu -p EnvironmentFile=/etc/default/evlu-gateway \\
-            -E EVLU_CONFIG_DIR={ETC} /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus off
+        {HANDLER}
         for i in $(seq 120); do
             journalctl -u evlu-lio-tcmu | grep -q "serving user:evlu" && break; sleep 1
         done
@@ -263,8 +264,7 @@ def test_boot_restores_lio_and_keeps_secrets_out_of_sight(gateway: Appliance) ->
     expected = ours(dump(vm))
     # shutdown clears LIO (targetctl clear); boot: rtslib's file minus ours, then lio.toml,
     # then the handler starts (as at boot: it attaches to the devices that exist)
-    sh(vm, "systemctl stop evlu-lio-tcmu; targetctl clear; evlu lio boot 2>&1; "
-           "systemctl start evlu-lio-tcmu")
+    sh(vm, f"systemctl stop evlu-lio-tcmu; targetctl clear; evlu lio boot 2>&1; {HANDLER}")
     after = dump(vm)
     assert any(t["wwn"] == "iqn.2003-01.org.example:admin" for t in after["targets"])
     restored = ours(after)
