@@ -142,9 +142,9 @@ def gateway(appliance: Appliance, guest_kms: str) -> Iterator[Appliance]:
     sh(appliance, f"""
         {guest_kms.format(dir=ETC)}
         for n in a b c; do truncate -s 40M {DIR}/$n.img; done
-        evlu format {DIR}/a.img --kms -q --yes >/dev/null
-        evlu format {DIR}/b.img --kms -q --yes --sector-size 4096 >/dev/null
-        evlu format {DIR}/c.img --kms -q --yes >/dev/null
+        evlu format {DIR}/a.img --kms -q --yes --no-wipe >/dev/null
+        evlu format {DIR}/b.img --kms -q --yes --no-wipe --sector-size 4096 >/dev/null
+        evlu format {DIR}/c.img --kms -q --yes --no-wipe >/dev/null
         {HANDLER}
         for i in $(seq 120); do
             journalctl -u evlu-lio-tcmu | grep -q "serving user:evlu" && break; sleep 1

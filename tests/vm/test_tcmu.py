@@ -58,7 +58,7 @@ def served(appliance: Appliance, guest_kms: str) -> Iterator[dict]:
     sh(appliance, f"""
         mkdir -p {LUNDIR}
         for n in 0 1 2; do truncate -s 64M {LUNDIR}/lun$n.img; done
-        for n in 0 1 2; do evlu format {LUNDIR}/lun$n.img --kms -q --yes >/dev/null; done
+        for n in 0 1 2; do evlu format {LUNDIR}/lun$n.img --kms -q --yes --no-wipe >/dev/null; done
         evlu shred {LUNDIR}/lun1.img --yes >/dev/null
         systemd-run --unit=evlu-tcmu-test -p EnvironmentFile=/etc/default/evlu-gateway \\
             /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus off
