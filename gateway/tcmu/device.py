@@ -77,6 +77,7 @@ class RingDevice:
         if self._thread is not None:
             self._thread.join()
         os.close(self._wake)
+        self.ring.close()
 
     # -- the ring thread ------------------------------------------------------
 
