@@ -70,6 +70,19 @@ def appliance(request: pytest.FixtureRequest,
         assert not vm.running, "QEMU still running after power-off"
 
 
+@pytest.fixture(scope="session")
+def guest_kms(appliance: Appliance) -> Appliance:
+    """The appliance's embedded KMS set up (``evlu kms init/enroll``) and running."""
+    appliance.agent.run(
+        "set -e; . /etc/default/evlu-gateway; export PATH PYTHONPATH PYTHONDONTWRITEBYTECODE\n"
+        "mkdir -p /var/lib/evlu\n"
+        "evlu kms init >/dev/null && evlu kms enroll appliance >/dev/null\n"
+        "systemctl start evlu-kms\n"
+        "for i in $(seq 120); do evlu kms status >/dev/null 2>&1 && break; sleep 1; done\n"
+        "evlu kms status", timeout=400)
+    return appliance
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
         item: pytest.Item,
