@@ -173,6 +173,8 @@ def main() -> int:
                                             indent=1))
         return 0
     finally:
+        if vm.running:  # a guest logged in to itself hangs in shutdown otherwise
+            vm.agent.run(["iscsiadm", "-m", "node", "--logoutall=all"], check=False)
         say(f"power-off: {vm.poweroff()}")
 
 
