@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from appliance.agent_client import AgentError  # noqa: E402
 from appliance.image import ensure_image  # noqa: E402
 from appliance.vm import GUEST_PORTS, Appliance, choose_accel  # noqa: E402
 
@@ -173,8 +174,10 @@ def main() -> int:
                                             indent=1))
         return 0
     finally:
-        if vm.running:  # a guest logged in to itself hangs in shutdown otherwise
+        try:  # a guest logged in to itself hangs in shutdown otherwise
             vm.agent.run(["iscsiadm", "-m", "node", "--logoutall=all"], check=False)
+        except (AgentError, OSError):
+            pass  # not booted: nothing logged in
         say(f"power-off: {vm.poweroff()}")
 
 
