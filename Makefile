@@ -15,7 +15,7 @@ APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux e2fsprogs \
                 dbus-daemon python3-dbus \
                 targetcli-fb python3-rtslib-fb python3-configshell-fb python3-gi
 
-.PHONY: run test test-native test-vm appliance deps system-deps bench clean
+.PHONY: run test test-native test-vm appliance deps system-deps bench bench-appliance clean
 
 run: deps
 	$(PY) -m gateway.demo
@@ -42,6 +42,10 @@ bench: deps
 	$(PY) bench/xts.py
 	$(PY) bench/kms.py
 	$(PY) bench/tcmu.py
+
+# user:evlu vs tcmu-runner vs LIO fileio in one appliance VM (boots it; minutes under TCG)
+bench-appliance: deps
+	$(PY) bench/appliance_tcmu.py
 
 deps: system-deps $(STAMP) $(DEBIAN_PTH)
 

@@ -51,6 +51,7 @@ class Harness:
 
     def close(self) -> None:
         self.dev.stop()
+        self._map.close()  # BufferError if the device kept a view of the mapping (as detach)
         self.k.close()
 
     def submit(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> int:

@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from gateway.backstore import open_backstore
+from gateway.scsi import Identity, Limits, LogicalUnit
 from gateway.tcmu import netlink as nl
 from gateway.tcmu import uio
+from gateway.tcmu.handler import dev_size_of, reconfigure
 from gateway.tcmu.simkernel import SimKernel
+from gateway.volume import Volume
 
 
 def kernel_event(cmd: int, attrs: bytes, family: int = 0x1A) -> bytes:
@@ -129,3 +133,48 @@ def test_mapping_closes_while_a_view_of_the_ring_is_held() -> None:
         held.release()
     finally:
         k.close()
+
+
+def test_set_features_switches_the_reply_mode() -> None:
+    (msg,) = nl.parse(nl.encode_set_features(0x1A, False))
+    assert (msg.family, msg.cmd, msg.attrs) == (0x1A, nl.SET_FEATURES,
+                                               {nl.ATTR_SUPP_KERN_CMD_REPLY: b"\0"})
+    flags = struct.unpack_from("=H", nl.encode_set_features(0x1A, True), 6)[0]
+    assert flags == nl.NLM_F_REQUEST | nl.NLM_F_ACK  # the kernel's ack tells EPERM apart
+
+
+def reconfig(**values: object) -> nl.Event:
+    return nl.Event("reconfig", "tcm-user/1/lun0/evlu//srv/a.img;plain", 0, **values)  # type: ignore
+
+
+def test_reconfig_serves_the_size_the_event_carries(tmp_path: Path) -> None:
+    path = tmp_path / "lun.img"
+    path.write_bytes(bytes(1 << 20))
+    volume = Volume.open(open_backstore(str(path)), allow_plain=True, size_limit=1 << 20)
+    lu = LogicalUnit(volume, Identity(serial="x"), Limits())
+    try:
+        assert volume.num_blocks == 2048
+        os.truncate(path, 4 << 20)  # the admin grows the backing file, then dev_size
+        assert volume.num_blocks == 2048  # nothing changes before the event
+        said = reconfigure(volume, lu, reconfig(dev_size=3 << 20))
+        assert volume.num_blocks == 6144 and "changed" in said
+        assert lu.take_unit_attention() == (0x2A, 0x09)  # CAPACITY DATA HAS CHANGED
+        said = reconfigure(volume, lu, reconfig(dev_size=8 << 20))  # more than the file
+        assert volume.num_blocks == 8192 and "holds only 4194304" in said
+        reconfigure(volume, lu, reconfig(writecache=False))
+        assert lu.limits.write_cache is False
+        assert "ignored" in reconfigure(volume, lu, reconfig(dev_cfg="evlu//srv/b.img"))
+        assert reconfigure(volume, lu, reconfig(dev_cfg=f"evlu/{path};plain")) == \
+            "dev_config unchanged"
+        assert volume.num_blocks == 8192
+    finally:
+        volume.close()
+
+
+def test_dev_size_is_read_from_configfs(tmp_path: Path) -> None:
+    device = uio.UioDevice(0, 1, "lun0", "evlu", "/srv/a.img", 4096)
+    attrib = device.configfs(tmp_path) / "attrib"
+    assert dev_size_of(device, tmp_path) is None
+    attrib.mkdir(parents=True)
+    (attrib / "dev_size").write_text("67108864\n")
+    assert dev_size_of(device, tmp_path) == 64 << 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
 from typing import Any
@@ -11,17 +12,25 @@ from ..process import make_undumpable
 from ..tcmu import cfgstring
 from ..tcmu.dbus_service import TcmuDbusService
 from ..tcmu.handler import Handler
+from ..tcmu.netlink import set_reply_mode
 from .keys import KmsSession
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     make_undumpable()
+    # a daemon under journald: devices attached, detached, reconfigured (never a key)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     session = KmsSession.from_args(args, require_identity=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     handler = dbus = None
     try:
+        if args.dbus == "standalone":
+            # No tcmu-runner here: switch off the reply mode it may have left on, so
+            # devices made by stock targetcli or restoreconfig (no nl_reply_supported=-1)
+            # are not waited for.
+            set_reply_mode(False)
         handler = Handler(session.lookups, workers=args.workers).start()
         if args.dbus != "off":
             dbus = TcmuDbusService(cfgstring.SUBTYPE, cfgstring.CONFIG_DESC, cfgstring.check,

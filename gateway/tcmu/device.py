@@ -104,6 +104,7 @@ class RingDevice:
         if self._abandon:
             return False  # a late worker may still signal the eventfd: keep it open
         os.close(self._wake)
+        self.ring.close()
         return True
 
     # -- the ring thread ------------------------------------------------------

@@ -6,7 +6,10 @@ device is attached (backing store from the cfgstring, volume keyed through
 the key source, SCSI logical unit, ring device), a removed one detached, a
 reconfigured one rescanned.  Everything LIO knows about a device that the
 logical unit needs (unit serial, max sectors, block size, write cache) is
-read from its configfs directory.
+read from its configfs directory; its capacity is LIO's ``dev_size`` (as
+tcmu-runner's handlers do), at most what the backing store holds, and a
+RECONFIG event's new ``dev_size`` or ``emulate_write_cache`` is applied from
+the event itself (configfs shows the new value only after the event).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -65,6 +68,7 @@ class Served:
 
     device: UioDevice
     volume: Volume
+    lu: LogicalUnit
     mapping: Mapping
     ring: RingDevice
 
@@ -74,6 +78,42 @@ def _attr(path: Path, default: str = "") -> str:
         return path.read_text().strip()
     except OSError:
         return default
+
+
+def dev_size_of(device: UioDevice, configfs: Path) -> int | None:
+    """LIO's size of the device (attrib/dev_size), None if unknown."""
+    size = _attr(device.configfs(configfs) / "attrib" / "dev_size")
+    return int(size) if size.isdigit() and int(size) > 0 else None
+
+
+def reconfigure(volume: Volume, lu: LogicalUnit, event: Event) -> str:
+    """Apply a RECONFIG event's new value (the message carries it); says what changed.
+
+    ``dev_size``: the new capacity, rescanning the backing store (which the
+    admin grew first), so initiators see CAPACITY DATA HAS CHANGED;
+    ``emulate_write_cache``: WCE in the caching mode page; ``dev_config``
+    (another backing store under a served device) is not supported.
+    """
+    if event.dev_size is not None:
+        transition = volume.limit_size(event.dev_size)
+        served = volume.num_blocks * volume.block_size
+        short = (f"; the backing store holds only {served} bytes"
+                 if served < event.dev_size else "")
+        return f"dev_size {event.dev_size}: serving {served} bytes " \
+               f"({'changed' if transition else 'unchanged'}){short}"
+    if event.writecache is not None:
+        lu.limits = replace(lu.limits, write_cache=event.writecache)
+        return f"write cache {'on' if event.writecache else 'off'}"
+    if event.dev_cfg is not None:
+        try:
+            same = cfgstring.parse(event.dev_cfg).path == volume.backstore.path
+        except ValueError:
+            same = False
+        if same:  # restoreconfig writes every attribute back
+            return "dev_config unchanged"
+        return f"dev_config {event.dev_cfg!r} ignored: remove the device and create it again"
+    transition = volume.rescan()
+    return f"rescanned ({transition or 'no change'})"
 
 
 def identity_of(device: UioDevice, volume: Volume, configfs: Path) -> Identity:
@@ -163,6 +203,9 @@ class Handler:
             except (ValueError, BackstoreError) as exc:
                 _log.error("%s: cannot serve %r: %s", device.so_name, device.cfgstring, exc)
                 return None
+            size = dev_size_of(device, self.configfs)
+            if size is not None:  # LIO's size of the device: at most what it serves
+                volume.limit_size(size)
             mapping = Mapping(device)
             try:
                 if recover(device, mapping, self.configfs):
@@ -180,8 +223,12 @@ class Handler:
                 mapping.close()
                 self.volumes.release(volume, device.so_name)
                 return None
-            served = self.served[name] = Served(device, volume, mapping, ring)
+            served = self.served[name] = Served(device, volume, lu, mapping, ring)
             _log.info("%s: serving %s (%s)", device.so_name, config.path, volume.state.value)
+            if size is not None and volume.num_blocks * volume.block_size < size:
+                _log.warning("%s: LIO's dev_size is %d bytes but %s holds %d: serving those",
+                             device.so_name, size, config.path,
+                             volume.num_blocks * volume.block_size)
             return served
 
     def detach(self, name: str, timeout: float | None = None) -> None:
@@ -207,7 +254,10 @@ class Handler:
                 self._reap_gone()
                 continue
             for event in self._listener.events():
-                self.handle(event)
+                try:
+                    self.handle(event)
+                except Exception:  # noqa: BLE001 - one device's trouble never stops the others
+                    _log.exception("TCM-USER event %s for %s failed", event.kind, event.device)
 
     def handle(self, event: Event) -> None:
         """Apply one netlink event."""
@@ -223,9 +273,8 @@ class Handler:
         elif event.kind == "reconfig":
             served = self.served.get(event.device)
             if served is not None:
-                transition = served.volume.rescan()
-                _log.info("%s: reconfigured (%s)", served.device.so_name, transition or
-                          "no change")
+                _log.info("%s: reconfigured: %s", served.device.so_name,
+                          reconfigure(served.volume, served.lu, event))
 
     def _reap_gone(self) -> None:
         for name, served in list(self.served.items()):

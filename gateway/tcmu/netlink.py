@@ -2,9 +2,10 @@
 
 Sans-IO codec (``encode_*``, :func:`parse`) plus :class:`NetlinkListener`, a
 blocking socket that resolves the family, joins its ``config`` multicast
-group and yields :class:`Event` objects.  We never send SET_FEATURES: the
-kernel then never waits for our replies (devices are created with
-``nl_reply_supported=-1`` as well).
+group and yields :class:`Event` objects.  We never reply to events: a device
+created with ``nl_reply_supported=-1`` is never waited for, and
+:meth:`NetlinkListener.set_reply_mode` (SET_FEATURES) turns the module-wide
+reply mode that tcmu-runner switches on (and leaves on) off again.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ GENL_ID_CTRL = 0x10
 CTRL_CMD_GETFAMILY = 3
 CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME, CTRL_ATTR_MCAST_GROUPS = 1, 2, 7
 CTRL_ATTR_MCAST_GRP_NAME, CTRL_ATTR_MCAST_GRP_ID = 1, 2
-NLM_F_REQUEST = 0x1
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 FAMILY = "TCM-USER"
 GROUP = "config"
 
 # TCM-USER commands and attributes (include/uapi/linux/target_core_user.h)
-ADDED_DEVICE, REMOVED_DEVICE, RECONFIG_DEVICE = 1, 2, 3
+ADDED_DEVICE, REMOVED_DEVICE, RECONFIG_DEVICE, SET_FEATURES = 1, 2, 3, 7
 ATTR_DEVICE, ATTR_MINOR, ATTR_DEV_CFG, ATTR_DEV_SIZE, ATTR_WRITECACHE = 1, 2, 4, 5, 6
-ATTR_DEVICE_ID = 8
+ATTR_DEVICE_ID, ATTR_SUPP_KERN_CMD_REPLY = 8, 9
+VERSION = 2
 COMMANDS = {ADDED_DEVICE: "added", REMOVED_DEVICE: "removed", RECONFIG_DEVICE: "reconfig"}
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -83,6 +85,12 @@ def encode(family: int, cmd: int, attrs: bytes, *, seq: int = 0, version: int = 
 def encode_getfamily(name: str, seq: int = 1) -> bytes:
     return encode(GENL_ID_CTRL, CTRL_CMD_GETFAMILY,
                   encode_attr(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0"), seq=seq)
+
+
+def encode_set_features(family: int, reply: bool, seq: int = 2) -> bytes:
+    """SET_FEATURES: whether the kernel waits for handlers' replies to device events."""
+    return encode(family, SET_FEATURES, encode_attr(ATTR_SUPP_KERN_CMD_REPLY, bytes([reply])),
+                  seq=seq, version=VERSION, flags=NLM_F_REQUEST | NLM_F_ACK)
 
 
 def parse_attrs(data: bytes | memoryview) -> dict[int, bytes]:
@@ -154,14 +162,53 @@ def to_event(msg: Message) -> Event | None:
                  None if cache is None else bool(cache), _uint(msg.attrs.get(ATTR_DEVICE_ID), "=I"))
 
 
+def _socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                         NETLINK_GENERIC)
+    sock.bind((0, 0))
+    return sock
+
+
+def _acked(sock: socket.socket, what: str, hint: str = "") -> list[Message]:
+    """Read one answer; raise NetlinkError if it is an error."""
+    messages = parse(sock.recv(65536))
+    for msg in messages:
+        if msg.family == NLMSG_ERROR and msg.error:
+            raise NetlinkError(-msg.error, f"{what}: {os.strerror(-msg.error)}{hint}")
+    return messages
+
+
+def resolve(sock: socket.socket, name: str) -> tuple[int, dict[str, int]]:
+    """(family id, multicast groups) of a generic netlink family."""
+    sock.sendto(encode_getfamily(name), (0, 0))
+    hint = " (is target_core_user loaded?)" if name == FAMILY else ""
+    for msg in _acked(sock, f"generic netlink family {name}", hint):
+        if msg.family == GENL_ID_CTRL:
+            return family_info(msg)
+    raise NetlinkError(f"no answer resolving generic netlink family {name}")
+
+
+def set_reply_mode(reply: bool) -> None:
+    """TCM-USER SET_FEATURES (needs CAP_NET_ADMIN), on a socket of its own.
+
+    Module-wide, for devices enabled from then on: with ``reply=False`` the
+    kernel waits for nobody's reply, so a device created without
+    ``nl_reply_supported=-1`` (stock targetcli, restoreconfig) cannot hang in
+    ``enable``.  tcmu-runner sends ``reply=True`` when it starts.
+    """
+    with _socket() as sock:
+        family, _groups = resolve(sock, FAMILY)
+        sock.sendto(encode_set_features(family, reply), (0, 0))
+        if not any(m.family == NLMSG_ERROR for m in _acked(sock, "TCM-USER SET_FEATURES")):
+            raise NetlinkError("no acknowledgement of TCM-USER SET_FEATURES")
+
+
 class NetlinkListener:
     """A generic netlink socket subscribed to TCM-USER's ``config`` group."""
 
     def __init__(self, family_name: str = FAMILY, group: str = GROUP) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                  NETLINK_GENERIC)
+        self.sock = _socket()
         try:
-            self.sock.bind((0, 0))
             self.family, groups = self.resolve(family_name)
             if group not in groups:
                 raise NetlinkError(f"generic netlink family {family_name} has no group {group!r}")
@@ -177,15 +224,7 @@ class NetlinkListener:
         self.sock.close()
 
     def resolve(self, name: str) -> tuple[int, dict[str, int]]:
-        self.sock.sendto(encode_getfamily(name), (0, 0))
-        for msg in parse(self.sock.recv(65536)):
-            if msg.family == NLMSG_ERROR and msg.error:
-                hint = " (is target_core_user loaded?)" if name == FAMILY else ""
-                raise NetlinkError(-msg.error, f"generic netlink family {name}: "
-                                               f"{os.strerror(-msg.error)}{hint}")
-            if msg.family == GENL_ID_CTRL:
-                return family_info(msg)
-        raise NetlinkError(f"no answer resolving generic netlink family {name}")
+        return resolve(self.sock, name)
 
     def events(self) -> Iterator[Event]:
         """Block for the next datagram and yield its TCM-USER events."""

@@ -123,6 +123,11 @@ class Ring:
         self.cursor = self.tail  # entries before it have been fetched
         self._check_offset(self.cursor, "cmd_tail")
 
+    def close(self) -> None:
+        """Release the views of the mapping (it cannot be unmapped while they exist)."""
+        for view in (self.ring, self._words, self.mem):
+            view.release()
+
     @property
     def out_of_order(self) -> bool:
         return bool(self.flags & FLAG_OOOC)

@@ -82,7 +82,8 @@ class Volume:
     """An eVLU (or a plain LUN) over one backstore."""
 
     def __init__(self, backstore: Backstore, *, key_source: KeySource | None = None,
-                 allow_plain: bool = False, plain_block_size: int = 512, name: str = "") -> None:
+                 allow_plain: bool = False, plain_block_size: int = 512, name: str = "",
+                 size_limit: int | None = None) -> None:
         if plain_block_size not in (512, 4096):
             raise ValueError("plain_block_size must be 512 or 4096")
         self.backstore = backstore
@@ -105,6 +106,7 @@ class Volume:
         self._refused: dict[str, str] = {}
         self._seen_header = False  # an encrypted LUN never silently turns plain
         self._capacity = 0
+        self._size_limit = size_limit  # bytes of the data segment served at most
 
     # -- introspection ------------------------------------------------------
 
@@ -164,12 +166,22 @@ class Volume:
     def _compute_capacity(self, header: fmt.Header | None) -> int:
         size = self.backstore.refresh_size()
         if header is None:
-            return size // self.plain_block_size
-        seg = header.metadata.data_segment
-        avail = max(0, size - seg.offset)
-        if seg.size is not None:
-            avail = min(avail, seg.size)
-        return avail // seg.sector_size
+            avail, block = size, self.plain_block_size
+        else:
+            seg = header.metadata.data_segment
+            avail, block = max(0, size - seg.offset), seg.sector_size
+            if seg.size is not None:
+                avail = min(avail, seg.size)
+        if self._size_limit is not None:
+            avail = min(avail, self._size_limit)
+        return avail // block
+
+    def limit_size(self, nbytes: int | None) -> Transition | None:
+        """Serve at most ``nbytes`` of the data segment (None: all the backing store
+        holds), then rescan: the backing store may have grown or shrunk too."""
+        with self._lock:
+            self._size_limit = nbytes
+        return self.rescan()
 
     def _drop_key(self) -> None:
         if self._cipher is not None:

@@ -81,6 +81,7 @@ def guest_kms(appliance: Appliance) -> str:
     ``guest_kms.format(dir=DIR)`` (profiles and identity are relative to their dir)."""
     start = time.monotonic()
     appliance.agent.run(GUEST_ENV + """
+        mkdir -p /var/lib/evlu
         evlu kms init >/dev/null && evlu kms enroll appliance >/dev/null
         systemctl start evlu-kms
         for i in $(seq 180); do evlu kms status >/dev/null 2>&1 && exit 0; sleep 1; done

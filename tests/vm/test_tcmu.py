@@ -56,7 +56,6 @@ def served(appliance: Appliance, guest_kms: str) -> Iterator[dict]:
     """KMS up, three eVLUs (ok, shredded key, waiting for the KMS), the handler serving them."""
     start = time.monotonic()
     sh(appliance, f"""
-        mkdir -p {LUNDIR}
         for n in 0 1 2; do truncate -s 64M {LUNDIR}/lun$n.img; done
         for n in 0 1 2; do evlu format {LUNDIR}/lun$n.img --kms -q --yes --no-wipe >/dev/null; done
         evlu shred {LUNDIR}/lun1.img --yes >/dev/null
@@ -218,3 +217,28 @@ def test_iscsi_test_cu_at_least_what_fileio_passes(appliance: Appliance, served:
             worse[name] = missing
     REPORT.append("iscsi-test-cu, user:evlu vs LIO fileio:\n" + "\n".join(table))
     assert not worse, f"user:evlu fails tests LIO fileio passes: {worse}"
+
+
+def test_resize_reaches_the_initiator(appliance: Appliance, served: dict,
+                                      guest_scsi: dict[int, str]) -> None:
+    """Grow the backing file, then LIO's dev_size: the RECONFIG event carries the size."""
+    lun0 = served["luns"]["lun0"]
+    disk, new_size = guest_scsi[lun0["lun"]], lun0["size"] + 16 * MIB
+    sh(appliance, f"""
+        truncate -s {new_size + 16 * MIB} {lun0['path']}
+        echo {new_size} > $(ls -d /sys/kernel/config/target/core/user_*/lun0)/attrib/dev_size""")
+    tur = appliance.agent.run(["sg_turs", "-v", disk], check=False)
+    assert tur.rc != 0 and "capacity data has changed" in (tur.text + tur.stderr.decode()).lower()
+    assert f"Device size: {new_size} bytes" in sh(appliance, f"sg_readcap -l {disk}")
+    assert f"Total size:{new_size}" in host("iscsi-readcapacity16",
+                                            url(appliance, served["iqn"], lun0["lun"]))
+    # The guest's disk grows on a rescan; blocks past the old end take data and return it.
+    out = sh(appliance, f"""
+        echo 1 > /sys/block/$(basename {disk})/device/rescan
+        blockdev --getsize64 {disk}
+        head -c {MIB} /dev/urandom > /run/evlu-piece
+        dd if=/run/evlu-piece of={disk} bs={MIB} seek={new_size // MIB - 1} oflag=direct status=none
+        dd if={disk} bs={MIB} skip={new_size // MIB - 1} count=1 iflag=direct status=none \\
+            | cmp - /run/evlu-piece && echo same""")
+    assert out.split() == [str(new_size), "same"]
+    assert f"reconfigured: dev_size {new_size}" in sh(appliance, "journalctl -u evlu-tcmu-test")

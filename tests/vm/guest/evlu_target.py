@@ -3,7 +3,9 @@
 Run in the appliance as ``python3 - create NAME=PATH...`` (sent over the agent):
 every LUN is a ``user:evlu`` TCMU backstore whose cfgstring is the eVLU's path,
 created with ``nl_reply_supported=-1`` and its size = the eVLU's data segment;
-LUN n of one demo-mode target is the n-th argument.  Prints a JSON summary.
+LUN n of one demo-mode target is the n-th argument.  ``python3 - export NAME...``
+adds LUNs for existing storage objects (made with targetcli) instead.  Prints a
+JSON summary.
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ def data_size(path: str) -> int:
         dev.close()
 
 
-def create(specs: list[str]) -> dict:
-    start = time.monotonic()
-    root = RTSRoot()
+def target(root: RTSRoot) -> TPG:
+    """TPG 1 of the test target, made on first use (demo mode, no authentication)."""
     tpg = next((t for t in root.tpgs if t.parent_target.wwn == IQN), None)
     if tpg is None:
         tpg = TPG(Target(FabricModule("iscsi"), wwn=IQN), 1)
@@ -41,6 +42,22 @@ def create(specs: list[str]) -> dict:
             tpg.set_attribute(attribute, value)
         NetworkPortal(tpg, "0.0.0.0", 3260)
         tpg.enable = True
+    return tpg
+
+
+def export(names: list[str]) -> dict:
+    root = RTSRoot()
+    tpg = target(root)
+    luns = {}
+    for so in root.storage_objects:
+        if so.name in names:
+            luns[so.name] = {"lun": LUN(tpg, storage_object=so).lun, "size": so.size}
+    return {"iqn": IQN, "luns": luns}
+
+
+def create(specs: list[str]) -> dict:
+    start = time.monotonic()
+    tpg = target(RTSRoot())
     luns = {}
     for spec in specs:
         name, path = spec.split("=", 1)
@@ -56,4 +73,4 @@ def create(specs: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(create(sys.argv[2:])))
+    print(json.dumps({"create": create, "export": export}[sys.argv[1]](sys.argv[2:])))

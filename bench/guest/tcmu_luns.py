@@ -1,0 +1,66 @@
+"""Guest side of bench/appliance_tcmu.py: three LUNs of one size behind one iSCSI target.
+
+Run in the appliance as ``python3 - EVLU_PATH RAW_PATH FILEIO_PATH`` (sent over the
+agent), with the eVLU formatted and tcmu-runner and ``evlu tcmu serve`` running:
+
+* LUN 0 ``user:evlu``: our handler; the eVLU's data segment sets the size;
+* LUN 1 ``user:qcow``: tcmu-runner's qcow handler over RAW_PATH, a raw file of
+  that size (the handler serves a file without a qcow header as raw, and only
+  if its size equals the device's);
+* LUN 2 ``fileio``: LIO's in-kernel file backstore over FILEIO_PATH (buffered).
+
+Both user backstores get ``hw_max_sectors=2048`` (1 MiB commands); ours gets
+``nl_reply_supported=-1``, tcmu-runner's keeps the reply mode tcmu-runner
+asked for.  Prints a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from rtslib_fb import LUN, TPG, FabricModule, FileIOStorageObject, NetworkPortal, Target, \
+    UserBackedStorageObject
+
+from gateway import format as fmt
+from gateway.backstore import open_backstore
+
+IQN = "iqn.2003-01.org.linux-iscsi.evlu-appliance:bench"
+HW_MAX_SECTORS = 2048
+
+
+def data_size(path: str) -> int:
+    dev = open_backstore(path, readonly=True)
+    try:
+        seg = fmt.read(dev).header.metadata.data_segment
+        return (dev.size - seg.offset) // seg.sector_size * seg.sector_size
+    finally:
+        dev.close()
+
+
+def create(evlu: str, raw: str, fileio: str) -> dict:
+    size = data_size(evlu)
+    for path in (raw, fileio):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    objects = {
+        "user:evlu": UserBackedStorageObject("bench_evlu", config=f"evlu/{evlu}", size=size,
+                                             hw_max_sectors=HW_MAX_SECTORS,
+                                             control="nl_reply_supported=-1"),
+        "user:qcow": UserBackedStorageObject("bench_qcow", config=f"qcow/{raw}", size=size,
+                                             hw_max_sectors=HW_MAX_SECTORS),
+        "fileio": FileIOStorageObject("bench_fileio", fileio, size=size, write_back=True),
+    }
+    tpg = TPG(Target(FabricModule("iscsi"), wwn=IQN), 1)
+    for attribute, value in (("authentication", "0"), ("generate_node_acls", "1"),
+                             ("cache_dynamic_acls", "1"), ("demo_mode_write_protect", "0")):
+        tpg.set_attribute(attribute, value)
+    NetworkPortal(tpg, "0.0.0.0", 3260)
+    tpg.enable = True
+    luns = {kind: LUN(tpg, storage_object=so).lun for kind, so in objects.items()}
+    return {"iqn": IQN, "size": size, "luns": luns, "cpus": os.cpu_count()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(create(*sys.argv[1:4])))
