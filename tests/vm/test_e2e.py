@@ -225,7 +225,7 @@ def guest_login(e2e: E2E, iface: str, password_in: str) -> subprocess.CompletedP
         {node} --op new >/dev/null
         {updates}
         {node} --login 2>&1"""], timeout=180, check=False)
-    return subprocess.CompletedProcess(result.args, result.rc, result.text,
+    return subprocess.CompletedProcess(list(result.argv), result.rc, result.text,
                                        result.stderr.decode())
 
 
