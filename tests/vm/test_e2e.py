@@ -375,8 +375,11 @@ def test_c_second_identity_serves_and_an_unenrolled_one_gets_data_protect(
     gatewayd(vm, BASE_CONF + f'config-dir = "{ROGUE}"\nlio = false\n')
     refused = wait_sense(e2e, copy, "SENSE KEY:DATA PROTECTION(7) ASCQ:(null)(0x7471)")
     wait_sense(e2e, 0, "(0x7471)")
-    tur = vm.agent.run(["sg_turs", "-v", e2e.guest_disk], check=False)
-    said = (tur.text + tur.stderr.decode()).lower()
+    for _ in range(5):  # unit attentions first (b's new LUNs: REPORTED LUNS DATA HAS CHANGED)
+        tur = vm.agent.run(["sg_turs", "-v", e2e.guest_disk], check=False)
+        said = (tur.text + tur.stderr.decode()).lower()
+        if "unit attention" not in said:
+            break
     assert tur.rc != 0 and "data protect" in said and "access not authorized" in said, said
     read = vm.agent.run(["dd", f"if={e2e.guest_disk}", "of=/dev/stdout", "bs=4096", "count=16",
                          "iflag=direct", "status=none"], check=False, timeout=180)
