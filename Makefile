@@ -1,5 +1,6 @@
 # evlu-gateway — the two commands of the README:
-#   make run    the main job (for now: the native eVLU demo)
+#   make run    the main job: boot the appliance with the embedded KMS and one encrypted
+#               LUN served by gatewayd, print how to connect; Ctrl-C powers it off
 #   make test   install what the tests need (idempotent) and run them all:
 #               the native tier, then the appliance VM tier (QEMU)
 PYTHON ?= python3
@@ -15,9 +16,13 @@ APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux e2fsprogs \
                 dbus-daemon python3-dbus \
                 targetcli-fb python3-rtslib-fb python3-configshell-fb python3-gi
 
-.PHONY: run test test-native test-vm appliance deps system-deps bench bench-appliance clean
+.PHONY: run demo-native test test-native test-vm appliance deps system-deps bench bench-appliance clean
 
 run: deps
+	$(PY) appliance/run --demo
+
+# The library alone, no VM: one file-backed eVLU, its ciphertext, cryptsetup reading it.
+demo-native: deps
 	$(PY) -m gateway.demo
 
 # The VM tier builds the appliance image first when its inputs changed (cached

@@ -12,11 +12,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from kmsenv import KmsEnv
 from test_lio_config import HOST, IQN, SECRET, write
 from test_lio_reconcile import MemoryLio
 
 from gateway import format as fmt
 from gateway.backstore import open_backstore
+from gateway.daemon.daemon import Gatewayd, Options
 from gateway.daemon.lioconfig import LioError, LioFile, NoTargetError
 from gateway.lio import state as st
 from gateway.lio.reconcile import Reconciler
@@ -94,3 +96,23 @@ def test_a_broken_config_is_an_error_that_names_the_field(tmp_path: Path) -> Non
     with pytest.raises(LioError, match=r"luns\[0\]\.path"):
         gw.apply()
     assert gw.configured() == {}
+
+
+def test_lun_add_records_the_path_as_given_not_the_one_it_resolves_to(kms: KmsEnv,
+                                                                      tmp_path: Path) -> None:
+    """/dev/vg/lv -> ../dm-3 today, another dm-N after a reboot: lio.toml keeps /dev/vg/lv."""
+    a = evlu(tmp_path / "a.img")
+    write(tmp_path, CONFIG.replace("{a}", a))
+    link = tmp_path / "vg-lv"
+    link.symlink_to(evlu(tmp_path / "dm-3"))
+    gw = Gatewayd(Options(config_dir=kms.root, socket=tmp_path / "control.sock", metrics=None,
+                          dbus="off", netlink=False, sysfs=tmp_path, configfs=tmp_path),
+                  reconciler=lio_file(tmp_path, MemoryLio()))
+    try:
+        info = gw.api_lun_add({"path": str(link), "wait": 0.0})
+    finally:
+        gw.luns.close()
+    assert info["exported"] and info["name"] == "vg-lv"
+    assert info["path"] == str(tmp_path / "dm-3")  # the LUN is its backing store's real path
+    luns = tomllib.loads((tmp_path / "lio.toml").read_text())["targets"][0]["tpgs"][0]["luns"]
+    assert [x["path"] for x in luns] == [a, str(link)]

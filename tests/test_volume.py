@@ -225,6 +225,18 @@ def test_unreadable_header_is_unknown(small_evlu, kek):
     assert t is not None and t.new == State.UNKNOWN and "unreadable" in t.reason
 
 
+def test_rescan_repairs_a_zeroed_primary_header_and_keeps_serving(small_evlu, kek):
+    dev, _, _ = small_evlu
+    vol = Volume.open(dev, key_source=SyncSource({"k1": kek}))
+    vol.write(0, b"\x5a" * 512)
+    dev.pwrite(bytes(4096), 0)  # the primary binary header wiped under a running LUN
+    assert vol.rescan() is None and vol.state == State.ENCRYPTED
+    assert dev.pread(6, 0) == binary.MAGIC_PRIMARY
+    result = fmt.read(dev)
+    assert result.primary_ok and result.secondary_ok
+    assert bytes(vol.read(0, 1)) == b"\x5a" * 512
+
+
 def test_capacity_change_is_reported(kek):
     dev = MemoryBackstore(4 << 20)
     fmt.create(dev, kek, fmt.Binding("k1"), data_offset=OFFSET)

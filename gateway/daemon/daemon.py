@@ -266,8 +266,8 @@ class Gatewayd:
         if self.reconciler is None:
             info["exported"], info["lio"] = False, NOT_AVAILABLE
             return info
-        try:
-            info["lio"] = self.reconciler.add_lun(lun.path, lun.name, lun.target)
+        try:  # the path as given: /dev/vg/lv, not the /dev/dm-N it resolves to today
+            info["lio"] = self.reconciler.add_lun(path, lun.name, lun.target)
         except LookupError as exc:  # nowhere to export it: served, and said so
             info["exported"], info["lio"] = False, str(exc)
             return info

@@ -108,12 +108,12 @@ class LunTable:
                 return existing
             if name is not None and any(lun.name == name for lun in self._luns.values()):
                 raise ControlError(Code.CONFLICT, f"a LUN named {name!r} exists already")
-        volume = _open_checked(real, plain, self.key_source, name or name_for(real))
+        volume = _open_checked(real, plain, self.key_source, name or name_for(path))
         with self._lock:
             if real in self._luns:
                 volume.close()
                 raise ControlError(Code.CONFLICT, f"{path} was added meanwhile")
-            lun = self._luns[real] = Lun(self._unique(name or name_for(real)), real, volume,
+            lun = self._luns[real] = Lun(self._unique(name or name_for(path)), real, volume,
                                          added=True, target=target)
         return lun
 

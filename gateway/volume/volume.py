@@ -219,7 +219,8 @@ class Volume:
             return False
 
     def rescan(self, *, accept_plain: bool = False) -> Transition | None:
-        """Re-read the metadata and apply the seed's transitions.
+        """Re-read the metadata (repairing a damaged or stale header copy when the
+        backstore is writable) and apply the seed's transitions.
 
         plain -> encrypted (a replica finished syncing): look the key up;
         key changed underneath (re-synced from another source): drop the old
@@ -237,8 +238,11 @@ class Volume:
         old_state, old_capacity = self._state, self._capacity
         request: list[fmt.EvluToken] = []
         try:
-            header: fmt.Header | None = fmt.read(self.backstore).header
+            result = fmt.read(self.backstore)
+            header: fmt.Header | None = result.header
             header.metadata.data_segment  # noqa: B018 - raises if unsupported
+            if result.needs_repair and not self.backstore.readonly:
+                fmt.repair(self.backstore, result)  # the damaged copy, from the good one
             capacity = self._compute_capacity(header)
         except fmt.NoHeaderError:
             header = None
