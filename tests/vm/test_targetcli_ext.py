@@ -47,8 +47,18 @@ def shell(vm: Appliance, command: str, check: bool = True) -> str:
 
 @pytest.fixture(scope="module")
 def gatewayd(appliance: Appliance, guest_kms: str) -> Iterator[None]:
+    """gatewayd with an LIO configuration of one demo-mode target (no ACL: any initiator)."""
     sh(appliance, f"""
         {guest_kms.format(dir=CONF)}
+        cat > {CONF}/lio.toml <<'EOF'
+[[targets]]
+iqn = "{IQN}"
+[[targets.tpgs]]
+generate_node_acls = true
+authentication = false
+demo_mode_write_protect = false
+attributes = {{ cache_dynamic_acls = 1 }}
+EOF
         systemd-run --unit=evlu-tc-gatewayd {UNIT_ENV} /opt/evlu-gateway/venv/bin/python \\
             -m gateway.daemon --socket {SOCKET} --dbus off --metrics off
         for i in $(seq 120); do test -S {SOCKET} && break; sleep 1; done
@@ -64,13 +74,9 @@ def test_status_create_and_initiator(appliance: Appliance, gatewayd: None) -> No
         "NAME", "STATE", "KEY", "ID", "KMS", "SIZE", "SECTOR", "EXPORTED", "AS"]
     out = shell(appliance, f"/encryption create lun0 {DIR}/lun0.img size=64M target={IQN}")
     assert "Created eVLU lun0: ENCRYPTED" in out
-    # gatewayd without gateway.lio does not export: the shell says how, and the
-    # stock tree does it (rtslib, as targetcli would)
-    assert "not exported" in out or "exported as" in out
-    summary = json.loads(appliance.agent.run(
-        ["python3", "-", "create", f"lun0={DIR}/lun0.img"],
-        stdin=(GUEST / "evlu_target.py").read_bytes(), timeout=180).stdout)
-    lun = summary["luns"]["lun0"]["lun"]
+    # create target=IQN exported it through gatewayd's lio.toml: the target's first LUN
+    lun = 0
+    assert f"exported as {IQN}/tpg1/lun{lun}" in out
     url = f"iscsi://127.0.0.1:{appliance.ports['iscsi']}/{IQN}/{lun}"
     deadline = time.monotonic() + 120
     while subprocess.run(["iscsi-inq", url], capture_output=True).returncode != 0:
@@ -85,7 +91,7 @@ def test_status_create_and_initiator(appliance: Appliance, gatewayd: None) -> No
     # stock targetcli sees the same LUN (its user:evlu backstore list needs the handler on
     # D-Bus, which this gatewayd leaves off)
     stock = sh(appliance, f"targetcli ls /iscsi/{IQN}/tpg1/luns 2>&1")
-    assert f"lun{lun}" in stock and "user/lun0" in stock
+    assert f"lun{lun}" in stock and "user/lun0.img-" in stock
     ours = shell(appliance, "ls /")
     assert "backstores" in ours and "iscsi" in ours and "encryption" in ours
 
