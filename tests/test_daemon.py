@@ -91,9 +91,8 @@ class Gatewayd:
         return time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
-def gwd(kms: KmsEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewayd]:
-    daemon = Gatewayd(kms, tmp_path_factory.mktemp("gatewayd"))
+def ready(daemon: Gatewayd) -> Iterator[Gatewayd]:
+    """``daemon`` once it said READY=1; stopped afterwards."""
     try:
         daemon.wait_notify("READY=1")
         yield daemon
@@ -101,19 +100,17 @@ def gwd(kms: KmsEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatew
         if daemon.proc.poll() is None:
             daemon.stop()
         daemon.notify.close()
+
+
+@pytest.fixture(scope="module")
+def gwd(kms: KmsEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewayd]:
+    yield from ready(Gatewayd(kms, tmp_path_factory.mktemp("gatewayd")))
 
 
 @pytest.fixture
 def unwatched(kms: KmsEnv, tmp_path: Path) -> Iterator[Gatewayd]:
     """A gatewayd whose header watcher waits an hour: only explicit rescans see changes."""
-    daemon = Gatewayd(kms, tmp_path / "gwd", "--watch-interval", "3600")
-    try:
-        daemon.wait_notify("READY=1")
-        yield daemon
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.stop()
-        daemon.notify.close()
+    yield from ready(Gatewayd(kms, tmp_path / "gwd", "--watch-interval", "3600"))
 
 
 def evlu_file(kms: KmsEnv, gwd: Gatewayd, name: str, size: int = 8 * MIB) -> tuple[Path, str]:
