@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import os
 
-from ..crypto import CryptoError, SectorCipher
+from .. import crypto
 from . import af
 from .errors import FormatError, UnsupportedError, WrongKeyError
 from .metadata import Digest, Kdf, Keyslot
@@ -92,9 +92,9 @@ def unwrap(ks: Keyslot, area: bytes, passphrase: bytes) -> bytearray:
                                f"{ks.area_key_size}-byte key is not supported")
     key = derive(ks.kdf, passphrase, ks.area_key_size)
     try:
-        with SectorCipher(key, 512) as cipher:
+        with crypto.SectorCipher(key, 512) as cipher:
             plain = cipher.decrypt(area[:material_length(ks)], 0)
-    except CryptoError as exc:
+    except crypto.CryptoError as exc:
         raise FormatError(f"keyslot {ks.id}: {exc}") from None
     finally:
         key[:] = bytes(len(key))
@@ -118,7 +118,7 @@ def wrap(volume_key: bytes, passphrase: bytes, *, area_offset: int,
     key = derive(kdf, passphrase, 64)
     try:
         material = af.split(bytes(volume_key), AF_STRIPES, AF_HASH)
-        with SectorCipher(key, 512) as cipher:
+        with crypto.SectorCipher(key, 512) as cipher:
             encrypted = cipher.encrypt(material + bytes(-len(material) % 512), 0)
     finally:
         key[:] = bytes(len(key))

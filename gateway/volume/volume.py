@@ -19,9 +19,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .. import crypto
 from .. import format as fmt
 from ..backstore import Backstore, BackstoreError
-from ..crypto import CryptoError, SectorCipher
 from ..format import keyslot as fmt_keyslot
 from .gate import Gate
 from .keys import KeySource
@@ -45,7 +45,7 @@ def wipe_data_area(backstore: Backstore, data_offset: int,
     backstore.flush()
 
 
-def _decrypt_read(cipher: SectorCipher, view: memoryview, lba: int, block_size: int) -> None:
+def _decrypt_read(cipher: crypto.SectorCipher, view: memoryview, lba: int, block_size: int) -> None:
     """Decrypt ciphertext just read; all-zero ciphertext sectors (holes) read as zeroes."""
     # Only a sector whose first 8 bytes are zero (2**-64 for real ciphertext) can be a
     # hole: one C-speed search over those words usually settles it.
@@ -99,7 +99,7 @@ class Volume:
         self._reason = "not scanned yet"
         self._header: fmt.Header | None = None
         self._block_size, self._data_offset = plain_block_size, 0  # follow _header (_set_header)
-        self._cipher: SectorCipher | None = None
+        self._cipher: crypto.SectorCipher | None = None
         self._dek: bytearray | None = None
         self._unlocked_by: str | None = None  # the key id whose KEK opened the volume
         self._pending: set[str] = set()  # key ids asked for and not answered
@@ -334,8 +334,8 @@ class Volume:
                     self._refused[key_id] = f"key {key_id} does not open the volume: {exc}"
                     continue
                 try:
-                    cipher = SectorCipher(dek, seg.sector_size, seg.iv_tweak)
-                except CryptoError as exc:
+                    cipher = crypto.SectorCipher(dek, seg.sector_size, seg.iv_tweak)
+                except crypto.CryptoError as exc:
                     dek[:] = bytes(len(dek))
                     self._refused[key_id] = f"the volume key is unusable: {exc}"
                     continue
@@ -388,7 +388,7 @@ class Volume:
 
     # -- I/O ------------------------------------------------------------------
 
-    def _admit(self, lba: int, nblocks: int) -> tuple[SectorCipher | None, int]:
+    def _admit(self, lba: int, nblocks: int) -> tuple[crypto.SectorCipher | None, int]:
         """(cipher, byte offset) for I/O to ``[lba, lba + nblocks)``, or the error the
         state or range calls for; the caller holds the gate shared."""
         state = self._state
@@ -403,7 +403,7 @@ class Volume:
         raise NotReadyError(f"metadata unusable: {self._reason}", 0x04, 0x03)
 
     @contextmanager
-    def _io(self, lba: int, nblocks: int) -> Iterator[tuple[SectorCipher | None, int]]:
+    def _io(self, lba: int, nblocks: int) -> Iterator[tuple[crypto.SectorCipher | None, int]]:
         with self._gate.shared():
             admitted = self._admit(lba, nblocks)
             with _as_volume_errors():
@@ -515,7 +515,7 @@ class Volume:
             self._drop_key()
             self._set_header(header)
             self._dek, self._seen_header = dek, True
-            self._cipher = SectorCipher(dek, sector_size)
+            self._cipher = crypto.SectorCipher(dek, sector_size)
             self._unlocked_by = binding.key_id
             self._pending.clear()
             self._refused.clear()
