@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib
 import json
 import os
 import subprocess
 import sys
+import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway import format as fmt
 from gateway.backstore import open_backstore
-from gateway.cli.main import main
+from gateway.cli import parser
+from gateway.cli.main import build_parser, main
 
 SMALL_OFFSET = str(fmt.MIN_DATA_OFFSET)
 
@@ -47,6 +52,50 @@ def test_help_everywhere():
                 "bind", "unbind", "off"):
         sub = evlu(cmd, "--help")
         assert sub.returncode == 0 and b"usage: evlu " + cmd.encode() in sub.stdout, cmd
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in action.choices.values():
+            yield from _leaf_parsers(child)
+
+
+def test_every_command_names_a_function_that_exists():
+    leaves = list(_leaf_parsers(build_parser()))
+    assert len(leaves) > 30
+    for leaf in leaves:
+        module, _, name = leaf.get_default("func").partition(":")
+        assert callable(getattr(importlib.import_module(f"gateway.cli.{module}"), name)), leaf.prog
+
+
+def test_parser_defaults_match_their_modules():
+    from gateway.kms.cache import DEFAULT_TTL
+    from gateway.lio.boot import SAVECONFIG
+    assert (parser.DEFAULT_DATA_OFFSET, parser.MIN_DATA_OFFSET) == (fmt.DEFAULT_DATA_OFFSET,
+                                                                   fmt.MIN_DATA_OFFSET)
+    assert parser.DEFAULT_TTL == DEFAULT_TTL and parser.RTSLIB_SAVECONFIG == str(SAVECONFIG)
+
+
+def test_quick_commands_load_no_heavy_module():
+    """``evlu --help`` and ``evlu lun list`` stay fast: numpy, PyKMIP, rtslib, the format
+    and the volume load only for the commands that use them."""
+    probe = textwrap.dedent("""
+        import sys
+        from gateway.cli.main import build_parser, main
+        build_parser().parse_args(["lun", "list"])
+        try:
+            main(["lun", "list", "--socket", sys.argv[1]])
+        except SystemExit as exc:  # gatewayd is not running
+            rc = exc.code
+        heavy = ("numpy", "kmip", "rtslib_fb", "gateway.format", "gateway.volume", "gateway.kms")
+        print(rc, sorted(m for m in sys.modules if m.startswith(heavy)))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe, "/nonexistent/control.sock"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split(maxsplit=1) == ["10", "[]\n"], out.stdout + out.stderr
 
 
 def test_usage_error_exit_2():

@@ -6,13 +6,12 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..daemon.client import NotRunningError, call, default_socket
+from ..daemon.client import NotRunningError, call
 from ..daemon.control import Code, ControlError
+from .errors import EXIT_NOT_RUNNING
 
-EXIT_NOT_RUNNING = 10
 #: control error code -> exit code (as the other evlu commands use them)
 _EXIT = {Code.INVALID_PARAMS: 2, Code.UNKNOWN_METHOD: 2, Code.INVALID_REQUEST: 2,
          Code.NO_HEADER: 3, Code.UNUSABLE: 6, Code.CONFLICT: 7}
@@ -99,49 +98,3 @@ def cmd_rescan(args: argparse.Namespace) -> int:
                                  f"{' (' + d['transition'] + ')' if d['transition'] else ''}"
                                  for d in done) or "no LUNs")
     return 0
-
-
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``evlu daemon``, ``evlu lun`` and ``evlu rescan``."""
-    client = argparse.ArgumentParser(add_help=False)
-    group = client.add_argument_group("gatewayd options")
-    group.add_argument("--socket", type=Path, default=default_socket(), metavar="PATH",
-                       help="gatewayd's control socket (default: $EVLU_GATEWAYD_SOCKET or "
-                            "%(default)s)")
-    group.add_argument("--json", action="store_true", help="print gatewayd's JSON answer")
-
-    daemon = sub.add_parser("daemon", help="gatewayd: status.", description="gatewayd, the "
-                            "gateway daemon (systemctl start evlu-gatewayd).")
-    dsub = daemon.add_subparsers(dest="daemon_command", metavar="SUBCOMMAND", required=True)
-    p = dsub.add_parser("status", parents=[client], help="Health, LUNs, KMS, LIO (exit 1 "
-                        "when not ready).")
-    p.set_defaults(func=cmd_status)
-
-    lun = sub.add_parser("lun", help="LUNs served by gatewayd.",
-                         description="LUNs served by gatewayd.")
-    lsub = lun.add_subparsers(dest="lun_command", metavar="SUBCOMMAND", required=True)
-    p = lsub.add_parser("list", parents=[client], help="Every LUN, its state and size.")
-    p.set_defaults(func=cmd_lun_list)
-    p = lsub.add_parser("info", parents=[client], help="One LUN (by name or path).")
-    p.add_argument("lun", metavar="NAME|PATH")
-    p.set_defaults(func=cmd_lun_info)
-    p = lsub.add_parser("add", parents=[client], help="Serve a backing store: its header is "
-                        "read and its key looked up (any replica, snapshot or copy); exit 8/9 "
-                        "when the key stays unavailable/refused.")
-    p.add_argument("path", metavar="PATH", help="backing file or block device")
-    p.add_argument("--target", metavar="IQN", help="target to export it under (default: the "
-                   "LIO configuration's default)")
-    p.add_argument("--name", help="LUN name (default: from the file name)")
-    p.add_argument("--plain", action="store_true",
-                   help="serve a store without an eVLU header unencrypted")
-    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
-                   help="how long to wait for the key (default: %(default)s)")
-    p.set_defaults(func=cmd_lun_add)
-
-    p = sub.add_parser("rescan", parents=[client], help="Re-read LUN metadata (all, or one).",
-                       description="Re-read the metadata of every LUN, or of one, through "
-                                   "gatewayd; changes raise unit attentions.")
-    p.add_argument("lun", metavar="NAME|PATH", nargs="?")
-    p.add_argument("--accept-plain", action="store_true",
-                   help="serve an encrypted LUN whose header vanished as plain")
-    p.set_defaults(func=cmd_rescan)

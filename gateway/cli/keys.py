@@ -19,8 +19,6 @@ from ..kms.manager import KeyManager
 from ..kms.pool import ManagerPool
 from ..volume import State, Volume
 
-EXIT_KMS_UNREACHABLE, EXIT_KMS_REFUSED = 8, 9
-
 
 @dataclass
 class KmsSession:

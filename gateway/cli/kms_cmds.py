@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,68 +136,3 @@ def cmd_cache(args: argparse.Namespace) -> int:
                                    f"{cache.get('host_key_file') or config.cache_dir / 'host.key'}"
                                    if state == "on" else ""))
     return 0
-
-
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``evlu kms`` and its subcommands."""
-    kms = sub.add_parser("kms", help="Key manager: embedded server, enrollment, profiles, cache.",
-                         description="Key manager: embedded KMIP server, gateway enrollment, "
-                                     "KMS profiles, the local key cache, health.")
-    ksub = kms.add_subparsers(dest="kms_command", metavar="SUBCOMMAND", required=True)
-
-    def add(parent: Any, name: str, func: Any, text: str) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=text, description=text, parents=[common])
-        p.set_defaults(func=func)
-        return p
-
-    p = add(ksub, "init", cmd_init, "Create the embedded key server: CA, server certificate, "
-                                    "PyKMIP configuration and the perimeter policy.")
-    p.add_argument("--address", default="127.0.0.1",
-                   help="address to listen on and put in the certificate (default: %(default)s)")
-    p.add_argument("--port", type=int, default=5696, help="KMIP port (default: %(default)s)")
-    p.add_argument("--name", action="append", default=[], metavar="NAME",
-                   help="another DNS name or IP the server is reached by (repeatable)")
-
-    p = add(ksub, "serve", cmd_serve, "Run the embedded key server in the foreground "
-                                      "(SIGTERM/SIGINT stop it cleanly).")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="PyKMIP log level (default: %(default)s)")
-
-    p = add(ksub, "enroll", cmd_enroll, "Issue a gateway identity (certificate + 0600 key) "
-                                        "and write the embedded client profile.")
-    p.add_argument("name", metavar="NAME", help="gateway name (the certificate's CN)")
-    p.add_argument("--default", action="store_true",
-                   help="make it this host's default identity (the first enrolled one is)")
-
-    p = add(ksub, "status", cmd_status, "Check that each KMS profile answers this gateway "
-                                        "(exit 8 if one does not).")
-    p.add_argument("--kms", metavar="PROFILE", help="only this profile")
-
-    prof = ksub.add_parser("profile", help="Manage KMS profiles.",
-                           description="Manage KMS profiles (any KMIP 1.x/2.x server).")
-    psub = prof.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
-    p = add(psub, "add", cmd_profile_add, "Add or replace a KMS profile.")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--address", action="append", required=True, metavar="HOST[:PORT]",
-                   help="KMS address; repeat for failover, in order")
-    p.add_argument("--ca", required=True, metavar="FILE", help="CA certificate(s) of the KMS")
-    p.add_argument("--cert", metavar="FILE", help="client certificate (default: the gateway's)")
-    p.add_argument("--key", metavar="FILE", help="client key (default: the gateway's)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default: %(default)s)")
-    p.add_argument("--default", action="store_true", help="make it the default profile")
-    add(psub, "list", cmd_profile_list, "List KMS profiles (* = default).")
-    p = add(psub, "remove", cmd_profile_remove, "Remove a KMS profile.")
-    p.add_argument("name", metavar="NAME")
-    p = add(psub, "default", cmd_profile_default, "Set the default KMS profile.")
-    p.add_argument("name", metavar="NAME")
-
-    p = add(ksub, "cache", cmd_cache, "Turn the local key cache on or off (off by default): "
-                                      "KEKs kept wrapped under a host key, for KMS outages.")
-    p.add_argument("action", choices=("on", "off", "status"))
-    p.add_argument("--ttl", type=float, default=DEFAULT_TTL,
-                   help="seconds a cached KEK stays usable (default: %(default)g)")
-    p.add_argument("--host-key-file", metavar="FILE",
-                   help="32-byte host key to wrap cached KEKs with (default: one made on first "
-                        "use, 0600)")
-
-

@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..lio import boot
 from ..lio import config as cfg
@@ -104,30 +103,3 @@ def cmd_boot(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     return _plan_or_apply(args, apply=True, config=config) if exists else EXIT_OK
-
-
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``evlu lio`` and its subcommands."""
-    lio = sub.add_parser("lio", help="The declarative LIO configuration (lio.toml).",
-                         description="Targets, TPGs, portals, user:evlu LUNs, ACLs and CHAP "
-                                     "as declared in lio.toml (secrets in chap.toml), applied "
-                                     "to the kernel target idempotently.")
-    lsub = lio.add_subparsers(dest="lio_command", metavar="SUBCOMMAND", required=True)
-    files = argparse.ArgumentParser(add_help=False)
-    files.add_argument("--config", metavar="FILE",
-                       help="the LIO configuration (default: CONFIG_DIR/lio.toml)")
-    files.add_argument("--secrets", metavar="FILE",
-                       help="the CHAP secrets, mode 0600 (default: chap.toml beside --config)")
-    for name, func, text in (
-            ("check", cmd_check, "Validate the configuration (exit 2 listing every problem)."),
-            ("plan", cmd_plan, "Show what 'apply' would change in LIO (changes nothing)."),
-            ("apply", cmd_apply, "Make LIO match the configuration; a failed apply is rolled "
-                                 "back. Running it again changes nothing.")):
-        p = lsub.add_parser(name, parents=[common, files], help=text, description=text)
-        p.set_defaults(func=func)
-    text = ("At boot, instead of 'targetctl restore': restore rtslib's saved configuration "
-            "without the gateway's objects, then apply the configuration.")
-    p = lsub.add_parser("boot", parents=[common, files], help=text, description=text)
-    p.add_argument("--saveconfig", metavar="FILE", default=str(boot.SAVECONFIG),
-                   help="rtslib's saved configuration (default: %(default)s)")
-    p.set_defaults(func=cmd_boot)

@@ -6,7 +6,6 @@ import argparse
 import logging
 import signal
 import threading
-from typing import Any
 
 from ..process import make_undumpable
 from ..tcmu import cfgstring
@@ -52,26 +51,3 @@ def cmd_check(args: argparse.Namespace) -> int:
     ok, message = cfgstring.check(args.config)
     print(message)
     return 0 if ok else 2
-
-
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``evlu tcmu`` and its subcommands."""
-    tcmu = sub.add_parser("tcmu", help="The user:evlu TCMU handler (LIO backstores).",
-                          description="The user:evlu TCMU handler that serves LIO backstores "
-                                      "from eVLUs.")
-    tsub = tcmu.add_subparsers(dest="tcmu_command", metavar="SUBCOMMAND", required=True)
-    p = tsub.add_parser("serve", parents=[common], help="Serve every user:evlu device "
-                        "(foreground; SIGTERM stops it).",
-                        description="Serve every user:evlu device of this host: existing ones "
-                                    "and those created later (netlink), with keys from the KMS.")
-    p.add_argument("--workers", type=int, default=4, help="I/O threads per device "
-                                                          "(default: %(default)s)")
-    p.add_argument("--dbus", choices=("standalone", "beside-runner", "off"), default="standalone",
-                   help="how targetcli finds the handler: own org.kernel.TCMUService1 "
-                        "(standalone), register with tcmu-runner, or no D-Bus "
-                        "(default: %(default)s)")
-    p.set_defaults(func=cmd_serve)
-    p = tsub.add_parser("check", parents=[common], help="Say whether a user:evlu "
-                        "configuration string can be served (targetcli's CheckConfig).")
-    p.add_argument("config", metavar="PATH[;plain]")
-    p.set_defaults(func=cmd_check)
