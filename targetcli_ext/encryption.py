@@ -14,11 +14,16 @@ from configshell_fb import ExecutionError
 from targetcli.ui_backstore import complete_path
 from targetcli.ui_node import UINode
 
+from gateway import format as fmt
+from gateway.backstore import BackstoreError, open_backstore
 from gateway.cli.sizes import parse_size
 from gateway.kms import Config
 from gateway.kms.audit import read_recent
 
-from . import admin
+from gateway.lio.reconcile import read_backing
+from gateway.tcmu import cfgstring
+
+from . import admin, stock
 from .control import Gatewayd
 from .inventory import STATES, Evlu, Exports, human_size
 
@@ -79,10 +84,12 @@ class UIEncryption(UINode):
     lists the commands.
     """
 
-    def __init__(self, parent: UINode, gatewayd: Gatewayd, exports: Exports) -> None:
+    def __init__(self, parent: UINode, gatewayd: Gatewayd, exports: Exports,
+                 lio: stock.RtsSteps | None = None) -> None:
         super().__init__("encryption", parent)
         self.gatewayd = gatewayd
         self.exports = exports
+        self.lio = lio  # stock backstores for 'encrypt' (None: no LIO here)
         self.problem = ""
         self.refresh()
 
@@ -259,12 +266,39 @@ class UIEncryption(UINode):
     def ui_command_encrypt(self, name: str, confirm: str | None = None,
                            kms: str | None = None) -> None:
         """
-        Turns the plain (UNENCRYPTED) backstore NAME into an eVLU: a new key in
-        the KMS, a LUKS2 header over its first 16 MiB, the rest zeroed. Its
-        current data becomes unreadable for good, hence confirm=yes. Copy the
-        data out first if you need it, and back in through an initiator after.
+        Turns a plain backstore into an eVLU: a new key in the KMS (profile
+        KMS, default: the default profile), a LUKS2 header over the first
+        16 MiB of its file or device, the rest zeroed. Its current data becomes
+        unreadable for good, hence confirm=yes. Copy the data out first if you
+        need it, and back in through an initiator after.
+
+        NAME is a plain (UNENCRYPTED) eVLU, or a stock fileio or block
+        backstore, named fileio/NAME or block/NAME (a bare NAME when no eVLU
+        and no other backstore has that name). A stock backstore is replaced
+        by the user:evlu backstore NAME on the same file or device, served by
+        gatewayd, with the same block size; every LUN that exported it (same
+        LUN number and alias) and every ACL mapped LUN (same number and
+        write protection) is re-created on it, so initiators find the LUN
+        where it was, blank and 16 MiB smaller. If a step fails, the command
+        says what state things are in; when the format did not happen, the
+        stock backstore and its exports are put back. 'saveconfig' keeps the
+        result, like any targetcli change.
+
+        EXAMPLE
+        =======
+        encrypt fileio/disk1 confirm=yes
         """
         self.assert_root()
+        self.refresh()
+        if self.problem:
+            raise ExecutionError(self.problem)
+        snapshot = self.lio.observe() if self.lio else None
+        source = stock.resolve(name, self._names(), snapshot)
+        if source is not None:
+            assert snapshot is not None and self.lio is not None
+            evlus = {e.name: e.path for e in self._evlus()}
+            self._encrypt_stock(stock.plan(source, snapshot, evlus), self.lio, confirm, kms)
+            return
         e = self._get(name)
         if e.state != "UNENCRYPTED":
             raise ExecutionError(f"{name} is {e.state}, not a plain backstore: nothing to "
@@ -274,6 +308,94 @@ class UIEncryption(UINode):
                                  "unreadable for good; repeat with confirm=yes")
         admin.evlu("format", e.path, "--yes", "--quiet", "--kms", kms or "")
         self._rescan(e)
+
+    def _encrypt_stock(self, plan: stock.Plan, lio: stock.RtsSteps, confirm: str | None,
+                       kms: str | None) -> None:
+        """Remove the stock backstore, format its store, serve it as user:evlu, re-export."""
+        src = plan.source
+        if not _confirmed(confirm):
+            exported = ", ".join(str(x) for x in plan.luns) or "no LUN"
+            raise ExecutionError(
+                f"encrypting {src.qualified} makes the data on {src.path} unreadable for good "
+                f"(it becomes a blank eVLU of {human_size(plan.capacity)}, exported where "
+                f"{src.qualified} is: {exported}); repeat with confirm=yes")
+        lio.remove(plan)
+        try:
+            try:
+                admin.evlu("format", src.path, "--yes", "--quiet", "--kms", kms or "",
+                           "--sector-size", str(src.block_size))
+            except ExecutionError as exc:
+                raise ExecutionError(self._format_failed(plan, lio, str(exc))) from None
+            self._serve_stock(plan, lio)
+        finally:
+            self._refresh_tree()
+
+    def _format_failed(self, plan: stock.Plan, lio: stock.RtsSteps, error: str) -> str:
+        """What went wrong and what state things are in now that the format failed."""
+        src = plan.source
+        try:
+            with open_backstore(src.path, readonly=True) as dev:
+                formatted = fmt.probe(dev)
+        except BackstoreError as exc:
+            formatted, error = True, f"{error}; and {src.path} cannot be read now: {exc}"
+        if not formatted:
+            failed = lio.restore(plan)
+            if not failed:
+                return (f"{src.path} was not formatted: {error}. {src.qualified} and its "
+                        f"{len(plan.exports)} export(s) are back as they were")
+            return (f"{src.path} was not formatted: {error}. These could not be put back: "
+                    + stock.failures(failed, f"/backstores/{src.qualified}"))
+        evlu = f"/backstores/user:evlu/{src.name}"
+        return (f"formatting {src.path} failed after it began writing: {error}. Its old data is "
+                f"gone, so {src.qualified} was not put back; these exports are missing: "
+                + ", ".join(str(x) for x in plan.exports) + f". Retry with 'evlu format "
+                f"{src.path} --force --yes', then '/backstores/user:evlu create {src.name} "
+                f"{plan.capacity} {cfgstring.SUBTYPE}/{src.path}' and: "
+                + "; ".join(stock.commands(plan.exports, evlu)))
+
+    def _serve_stock(self, plan: stock.Plan, lio: stock.RtsSteps) -> None:
+        """The formatted store as a user:evlu backstore with the stock one's exports."""
+        src = plan.source
+        evlu = f"/backstores/user:evlu/{src.name}"
+        try:
+            backing = read_backing(src.path, src.block_size)
+            lio.create_evlu(plan, backing.size, backing.uuid or "")
+        except Exception as exc:  # rtslib: RTSLibError, OSError; the header: FormatError
+            raise ExecutionError(
+                f"{src.path} is now an eVLU, but its user:evlu backstore could not be made: "
+                f"{exc}. None of the {len(plan.exports)} export(s) of {src.qualified} is "
+                f"re-created; finish with '/backstores/user:evlu create {src.name} "
+                f"{plan.capacity} {cfgstring.SUBTYPE}/{src.path}' and: "
+                + "; ".join(stock.commands(plan.exports, evlu))) from None
+        done, failed = lio.export(plan, "user", src.name)
+        e = self._served(src.path)
+        self.shell.log.info(f"{src.qualified} is now eVLU {e.name if e else src.name} on "
+                            f"{src.path}: " + (e.summary() if e else "not served by gatewayd "
+                                                "(see 'evlu lun list' and gatewayd's log)"))
+        for x in done:
+            self.shell.log.info(f"re-created {x}" + (f" -> user/{src.name}"
+                                                     if isinstance(x, stock.LunExport) else ""))
+        if failed:
+            raise ExecutionError("could not re-create " + stock.failures(failed, evlu))
+
+    def _served(self, path: str) -> Evlu | None:
+        """gatewayd's eVLU on ``path`` once its key lookup is over (KEY_WAIT s at most)."""
+        real = os.path.realpath(path)
+        deadline = time.monotonic() + KEY_WAIT
+        while True:
+            found = next((e for e in self.gatewayd.evlus(self.exports)
+                          if os.path.realpath(e.path) == real), None)
+            if (found is not None and found.state != "WAITING_FOR_KEY") \
+                    or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.2)
+
+    def _refresh_tree(self) -> None:
+        """Show LIO as it is now in the stock targetcli nodes too."""
+        for node in self.get_root().children:
+            if node is not self and isinstance(node, UINode):
+                node.refresh()
+        self.refresh()
 
     def ui_command_off(self, name: str, confirm: str | None = None) -> None:
         """
@@ -381,6 +503,15 @@ class UIEncryption(UINode):
                          current_param: str) -> list[str]:
         return self._complete(parameters, text, current_param)
 
-    ui_complete_audit = ui_complete_encrypt = ui_complete_off = ui_complete_info
+    def ui_complete_encrypt(self, parameters: dict[str, str], text: str,
+                            current_param: str) -> list[str]:
+        if current_param != "name":
+            return self._complete(parameters, text, current_param)
+        plain = [e.name for e in self._evlus() if e.state == "UNENCRYPTED"]
+        snapshot = self.lio.observe() if self.lio else stock.Snapshot()
+        return _matches(plain + [so.qualified for so in snapshot.storage_objects
+                                 if so.plugin in stock.STOCK], text)
+
+    ui_complete_audit = ui_complete_off = ui_complete_info
     ui_complete_rescan = ui_complete_rotate = ui_complete_bind = ui_complete_info
     ui_complete_unbind = ui_complete_shred = ui_complete_create = ui_complete_info

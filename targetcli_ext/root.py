@@ -9,6 +9,7 @@ from targetcli.ui_root import default_save_file
 from .control import Gatewayd
 from .encryption import UIEncryption
 from .lio import exports
+from .stock import RtsSteps
 
 
 class EvluRoot(UIRoot):
@@ -24,7 +25,7 @@ class EvluRoot(UIRoot):
 
     def refresh(self) -> None:
         super().refresh()
-        UIEncryption(self, self.gatewayd, lambda: exports(self.rtsroot))
+        UIEncryption(self, self.gatewayd, lambda: exports(self.rtsroot), RtsSteps(self.rtsroot))
 
     def ui_command_saveconfig(self, savefile: str = default_save_file) -> None:
         """

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from configshell_fb import ConfigNode, ConfigShell, ExecutionError
@@ -21,6 +22,7 @@ from configshell_fb.console import Console
 from gateway.daemon.client import ControlClient, NotRunningError
 from kmsenv import KmsEnv
 from targetcli_ext.control import Gatewayd
+from targetcli_ext import stock
 from targetcli_ext.encryption import UIEncryption
 
 MIB = 1 << 20
@@ -204,3 +206,161 @@ def test_without_gatewayd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "gatewayd is not running" in sh.run("ls")
     message = sh.fails("/encryption status")
     assert "systemctl start evlu-gatewayd" in message
+
+
+# -- encrypt of a stock fileio/block backstore: naming, exports, refusals -------------------
+
+GIB = 1 << 30
+IQN_A = "iqn.2003-01.org.example:a"
+IQN_B = "iqn.2003-01.org.example:b"
+INIT = "iqn.1994-05.com.example:host1"
+
+
+def _so(plugin: str, name: str, path: str = "", size: int = GIB, block_size: int = 512,
+        **kw: Any) -> stock.StorageObject:
+    return stock.StorageObject(plugin, name, path or f"/srv/{name}.img", size, block_size, **kw)
+
+
+def _stock(name: str, lio: stock.Snapshot, evlus: tuple[str, ...] = ()) -> str:
+    """The storage object ``name`` means, as PLUGIN/NAME."""
+    so = stock.resolve(name, evlus, lio)
+    assert so is not None, f"{name} is an eVLU"
+    return so.qualified
+
+
+def _plan(name: str, lio: stock.Snapshot) -> stock.Plan:
+    so = stock.resolve(name, (), lio)
+    assert so is not None
+    return stock.plan(so, lio, {})
+
+
+def _lio() -> stock.Snapshot:
+    """disk1 (fileio) is LUN 0 of target a and LUN 3 of target b; disk2 (block) is LUN 1
+    of a; ACLs map them under other numbers, one read-only."""
+    sos = (_so("fileio", "disk1"), _so("block", "disk2", "/dev/vdb"), _so("ramdisk", "r0", ""),
+           _so("pscsi", "p0", ""), _so("user", "rbd0", "", config="rbd/pool/img"),
+           _so("user", "lun9", "", config="evlu//srv/lun9.img"), _so("fileio", "dup"),
+           _so("block", "dup", "/dev/vdc"))
+    luns = (stock.LunExport("iscsi", IQN_A, 1, 0, "a0", ("fileio", "disk1")),
+            stock.LunExport("iscsi", IQN_A, 1, 1, "a1", ("block", "disk2")),
+            stock.LunExport("iscsi", IQN_B, 1, 3, "b3", ("fileio", "disk1")),
+            stock.LunExport("iscsi", IQN_B, 1, 0, "b0", ("block", "disk2")))
+    mapped = (stock.MappedExport("iscsi", IQN_A, 1, INIT, 5, 0, False, "m5"),
+              stock.MappedExport("iscsi", IQN_A, 1, INIT, 6, 1, False, "m6"),
+              stock.MappedExport("iscsi", IQN_B, 1, INIT, 0, 3, True, "m0"),
+              stock.MappedExport("iscsi", IQN_B, 1, INIT, 1, 0, False, "m1"))
+    return stock.Snapshot(sos, luns, mapped)
+
+
+def test_stock_names() -> None:
+    lio = _lio()
+    assert _stock("fileio/disk1", lio) == "fileio/disk1"
+    assert _stock("/backstores/block/disk2", lio) == "block/disk2"
+    assert _stock("iblock/disk2", lio) == "block/disk2"
+    assert _stock("disk1", lio, ("lun9",)) == "fileio/disk1"
+    # an eVLU's name means the eVLU, even when a stock backstore has it too
+    assert stock.resolve("disk1", ["disk1"], lio) is None
+    assert stock.resolve("lun9", ["lun9"], None) is None
+    with pytest.raises(ExecutionError, match="could be fileio/dup or block/dup"):
+        stock.resolve("dup", [], lio)
+    with pytest.raises(ExecutionError, match="no backstore fileio/nope; eVLUs: lun9; stock "
+                                             "backstores: block/disk2, block/dup, fileio/disk1"):
+        stock.resolve("fileio/nope", ["lun9"], lio)
+    with pytest.raises(ExecutionError, match="no eVLU or backstore named 'nope'"):
+        stock.resolve("nope", [], lio)
+    with pytest.raises(ExecutionError, match="LIO .* cannot be read here"):
+        stock.resolve("fileio/disk1", [], None)
+
+
+def test_stock_exports_recorded() -> None:
+    lio = _lio()
+    plan = _plan("fileio/disk1", lio)
+    assert [(x.wwn, x.lun, x.alias) for x in plan.luns] == [(IQN_A, 0, "a0"), (IQN_B, 3, "b3")]
+    assert [(m.wwn, m.mapped_lun, m.tpg_lun, m.write_protect, m.alias) for m in plan.mapped] == [
+        (IQN_A, 5, 0, False, "m5"), (IQN_B, 0, 3, True, "m0")]
+    assert plan.capacity == GIB - 16 * MIB
+    assert [str(x) for x in plan.exports] == [
+        f"/iscsi/{IQN_A}/tpg1/lun0", f"/iscsi/{IQN_B}/tpg1/lun3",
+        f"/iscsi/{IQN_A}/tpg1/acls/{INIT}/mapped_lun5 -> lun0",
+        f"/iscsi/{IQN_B}/tpg1/acls/{INIT}/mapped_lun0 -> lun3 (write-protected)"]
+    bs = "/backstores/user:evlu/disk1"
+    assert stock.commands(plan.exports, bs) == [
+        f"/iscsi/{IQN_A}/tpg1/luns create {bs} lun=0 add_mapped_luns=false",
+        f"/iscsi/{IQN_B}/tpg1/luns create {bs} lun=3 add_mapped_luns=false",
+        f"/iscsi/{IQN_A}/tpg1/acls/{INIT} create mapped_lun=5 tpg_lun_or_backstore=0 "
+        "write_protect=false",
+        f"/iscsi/{IQN_B}/tpg1/acls/{INIT} create mapped_lun=0 tpg_lun_or_backstore=3 "
+        "write_protect=true"]
+    other = _plan("block/disk2", lio)
+    assert [(x.wwn, x.lun) for x in other.luns] == [(IQN_A, 1), (IQN_B, 0)]
+    assert [(m.wwn, m.mapped_lun) for m in other.mapped] == [(IQN_A, 6), (IQN_B, 1)]
+    unexported = stock.Snapshot((_so("fileio", "lonely"),))
+    assert stock.plan(unexported.storage_objects[0], unexported, {}).exports == []
+
+
+@pytest.mark.parametrize(("so", "why"), [
+    (_so("ramdisk", "r0", ""), "keeps its data in memory"),
+    (_so("pscsi", "p0", ""), "passes SCSI commands through"),
+    (_so("user", "rbd0", "", config="rbd/pool/img"), "served by a TCMU handler"),
+    (_so("user", "lun9", "", config="evlu//srv/lun9.img"), "a user:evlu backstore already"),
+    (_so("fileio", "x", size=16 * MIB), "holds 16777216 bytes .* header area"),
+    (_so("fileio", "x", block_size=1024), "1024-byte blocks"),
+    (_so("block", "x", "/dev/vdd", readonly=True), "read-only"),
+    (_so("fileio", "x", luks=True), "begins with a LUKS header already"),
+    (_so("fileio", "x", "/srv/a,b.img"), "user:evlu cannot serve /srv/a,b.img"),
+    (_so("fileio", "x", problem="No such file"), "cannot be read: No such file"),
+    (_so("fileio", "lun9"), "an eVLU named lun9 exists already"),
+    (_so("fileio", "rbd0"), "a user backstore named rbd0 exists already"),
+    (_so("fileio", "x", "/srv/served.img"), "gatewayd serves /srv/served.img already, as "
+                                            "eVLU lun9"),
+    (_so("fileio", "x", "/srv/disk1.img"), "/srv/disk1.img is also the store of fileio/disk1"),
+])
+def test_stock_refusals(so: stock.StorageObject, why: str) -> None:
+    lio = _lio()
+    lio = stock.Snapshot(lio.storage_objects + (so,), lio.luns, lio.mapped)
+    with pytest.raises(ExecutionError, match=f"cannot encrypt {so.qualified}: .*{why}"):
+        stock.plan(so, lio, {"lun9": "/srv/served.img"})
+
+
+def test_stock_limits_and_alua() -> None:
+    smallest = _so("fileio", "x", size=16 * MIB + 4096, block_size=4096)
+    assert stock.plan(smallest, stock.Snapshot((smallest,)), {}).capacity == 4096
+    alua = stock.Snapshot((_so("fileio", "x"),), (
+        stock.LunExport("iscsi", IQN_A, 1, 0, "a0", ("fileio", "x"), "fast_path"),))
+    with pytest.raises(ExecutionError, match="LUN /iscsi/.*/lun0 is in the ALUA group fast_path"):
+        stock.plan(alua.storage_objects[0], alua, {})
+
+
+class FrozenLio(stock.RtsSteps):
+    """LIO as a fixed snapshot, for the checks made before anything changes: every
+    change fails the test."""
+
+    def __init__(self, snapshot: stock.Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def observe(self) -> stock.Snapshot:
+        return self.snapshot
+
+    def remove(self, plan: stock.Plan) -> None:
+        raise AssertionError(f"{plan.source} removed")
+
+    def restore(self, plan: stock.Plan) -> list[stock.Failure]:
+        raise AssertionError(f"{plan.source} restored")
+
+
+def test_encrypt_stock_asks_first(sh: Shell, tmp_path: Path) -> None:
+    img = tmp_path / "disk1.img"
+    img.write_bytes(b"old data" + bytes(32 * MIB - 8))
+    lio = stock.Snapshot((_so("fileio", "disk1", str(img), 32 * MIB), _so("ramdisk", "r0", "")),
+                         (stock.LunExport("iscsi", IQN_A, 1, 4, "a4", ("fileio", "disk1")),))
+    sh.node.lio = FrozenLio(lio)
+    refused = sh.fails("/encryption encrypt fileio/disk1")
+    assert f"the data on {img} unreadable for good" in refused and "confirm=yes" in refused
+    assert ("blank eVLU of 16.0MiB, exported where fileio/disk1 is: "
+            f"/iscsi/{IQN_A}/tpg1/lun4") in refused
+    assert "keeps its data in memory" in sh.fails("/encryption encrypt r0 confirm=yes")
+    assert img.read_bytes()[:8] == b"old data"
+    assert sh.complete("encrypt", "name", "") == ["fileio/disk1 "]
+    sh.run(f"/encryption create lun4 {tmp_path / 'lun4.img'} size=32M wipe=no")
+    assert sh.complete("encrypt", "name", "") == ["fileio/disk1 "]  # lun4 is encrypted already
+    assert "fileio/disk1" in sh.run("/encryption help encrypt")

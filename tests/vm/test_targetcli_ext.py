@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 
 from appliance.vm import Appliance
+from conftest import REPORT  # tests/conftest.py: the "evlu test report" summary
 
 from .test_smoke import host
+
+MIB = 1 << 20
 
 pytestmark = pytest.mark.vm
 
@@ -116,3 +119,107 @@ def test_interactive_session_on_a_pty(appliance: Appliance, gatewayd: None) -> N
     assert "rotate name [kms]" in by_input["help rotate"]
     assert "no eVLU named 'nope'" in by_input["rotate nope"]
     assert by_input["(exited)"] == "exit status 0"
+
+
+STOCK_IQN = "iqn.2003-01.org.linux-iscsi.evlu-appliance:stock"
+INITIATOR = "iqn.2003-01.org.example.evlu:stock-host"
+
+
+def _lun_opts(appliance: Appliance, lun: int, offset: int = 0, size: int = 0) -> str:
+    """QEMU --image-opts for mapped LUN ``lun`` of the stock target, as INITIATOR."""
+    iscsi = (f"transport=tcp,portal=127.0.0.1:{appliance.ports['iscsi']},target={STOCK_IQN},"
+             f"lun={lun},initiator-name={INITIATOR}")
+    if not size:
+        return f"driver=iscsi,{iscsi}"
+    return f"driver=raw,offset={offset},size={size}," + ",".join(
+        f"file.{kv}" for kv in f"driver=iscsi,{iscsi}".split(","))
+
+
+def _write(appliance: Appliance, lun: int, offset: int, data: bytes, tmp: Path) -> None:
+    (tmp / "data").write_bytes(data)
+    out = host("qemu-io", "--image-opts", _lun_opts(appliance, lun), "-c",
+               f"write -s {tmp / 'data'} {offset} {len(data)}", timeout=300)
+    assert f"wrote {len(data)}/{len(data)} bytes" in out, out
+
+
+def _read(appliance: Appliance, lun: int, offset: int, size: int, tmp: Path) -> bytes:
+    host("qemu-img", "convert", "-O", "raw", "--image-opts",
+         _lun_opts(appliance, lun, offset, size), str(tmp / "read"), timeout=300)
+    return (tmp / "read").read_bytes()
+
+
+def test_encrypt_a_stock_fileio_backstore(appliance: Appliance, gatewayd: None,
+                                          tmp_path: Path) -> None:
+    """A fileio backstore made with stock targetcli, exported as LUN 2 of a target of its
+    own and mapped as LUN 1 of an ACL, becomes an eVLU at the same place."""
+    img = f"{DIR}/disk1.img"
+    sh(appliance, f"""
+        targetcli /backstores/fileio create disk1 {img} 64M
+        targetcli /iscsi create {STOCK_IQN}
+        targetcli /iscsi/{STOCK_IQN}/tpg1 set attribute authentication=0
+        targetcli /iscsi/{STOCK_IQN}/tpg1/luns create /backstores/fileio/disk1 lun=2 \\
+            add_mapped_luns=false
+        targetcli /iscsi/{STOCK_IQN}/tpg1/acls create {INITIATOR} add_mapped_luns=false
+        targetcli /iscsi/{STOCK_IQN}/tpg1/acls/{INITIATOR} create mapped_lun=1 \\
+            tpg_lun_or_backstore=2 write_protect=false
+    """)
+    old = b"STOCK-PLAINTEXT-" * (MIB // 16)
+    _write(appliance, 1, 20 * MIB, old, tmp_path)
+    assert sh(appliance, f"grep -c STOCK-PLAINTEXT {img} || true").strip() == "1"
+
+    refused = appliance.agent.run(ENV + "targetcli-evlu /encryption encrypt name=disk1 2>&1",
+                                  check=False)
+    assert refused.rc == 1 and f"the data on {img} unreadable for good" in refused.text
+    assert f"/iscsi/{STOCK_IQN}/tpg1/lun2" in refused.text and "confirm=yes" in refused.text
+    assert "fileio/disk1" in shell(appliance, "/encryption help encrypt")
+
+    start = time.monotonic()
+    out = shell(appliance, "/encryption encrypt name=fileio/disk1 confirm=yes")
+    REPORT.append(f"targetcli-evlu encrypt of a 64 MiB stock fileio backstore: "
+                  f"{time.monotonic() - start:.0f} s")
+    assert f"fileio/disk1 is now eVLU disk1 on {img}: ENCRYPTED, key" in out
+    assert f"re-created /iscsi/{STOCK_IQN}/tpg1/lun2 -> user/disk1" in out
+    assert f"re-created /iscsi/{STOCK_IQN}/tpg1/acls/{INITIATOR}/mapped_lun1 -> lun2" in out
+
+    # stock targetcli and targetcli-evlu show the same: no fileio/disk1, LUN 2 is user/disk1
+    assert "disk1" not in sh(appliance, "targetcli ls /backstores/fileio 2>&1")
+    luns = sh(appliance, f"targetcli ls /iscsi/{STOCK_IQN}/tpg1 2>&1")
+    assert "lun2" in luns and "user/disk1" in luns and "mapped_lun1" in luns
+    assert f"exported as {STOCK_IQN}/tpg1/lun2" in shell(appliance, "ls /encryption")
+
+    url = f"iscsi://127.0.0.1:{appliance.ports['iscsi']}/{STOCK_IQN}/1"
+    deadline = time.monotonic() + 120
+    while (inq := subprocess.run(["iscsi-inq", "-i", INITIATOR, url], capture_output=True,
+                                 text=True)).returncode != 0:
+        assert time.monotonic() < deadline, f"disk1 never answered: {inq.stderr}"
+        time.sleep(2)
+    assert "Vendor:EVLU" in inq.stdout
+    assert f"Total size:{48 * MIB}" in host("iscsi-readcapacity16", "-i", INITIATOR, url)
+    assert _read(appliance, 1, 4 * MIB, MIB, tmp_path) == bytes(MIB)  # blank: old data gone
+    new = b"EVLU-PLAINTEXT--" * (MIB // 16)
+    _write(appliance, 1, 4 * MIB, new, tmp_path)
+    assert _read(appliance, 1, 4 * MIB, MIB, tmp_path) == new
+    assert sh(appliance, f"head -c 8 {img} | od -An -tx1").split() == \
+        ["4c", "55", "4b", "53", "ba", "be", "00", "02"]  # LUKS2
+    assert sh(appliance, f"grep -c -e EVLU-PLAINTEXT -e STOCK-PLAINTEXT {img} || true"
+              ).strip() == "0"
+
+    # saveconfig keeps it: cleared and restored, LIO has it again and gatewayd serves it
+    shell(appliance, f"saveconfig savefile={DIR}/saved.json")
+    saved = json.loads(sh(appliance, f"cat {DIR}/saved.json"))
+    assert {(so["plugin"], so["name"], so.get("config")) for so in saved["storage_objects"]
+            if so["name"] == "disk1"} == {("user", "disk1", f"evlu/{img}")}
+    target = next(t for t in saved["targets"] if t["wwn"] == STOCK_IQN)
+    assert [(x["index"], x["storage_object"]) for x in target["tpgs"][0]["luns"]] == [
+        (2, "/backstores/user/disk1")]
+    assert [(m["index"], m["tpg_lun"], m["write_protect"])
+            for m in target["tpgs"][0]["node_acls"][0]["mapped_luns"]] == [(1, 2, False)]
+    sh(appliance, f"targetcli clearconfig confirm=True && targetcli restoreconfig "
+                  f"{DIR}/saved.json")
+    deadline = time.monotonic() + 120
+    while "state: ENCRYPTED" not in (info := shell(appliance, "/encryption info disk1",
+                                                   check=False)):
+        assert time.monotonic() < deadline, f"disk1 not served after restoreconfig: {info}"
+        time.sleep(2)
+    assert f"exported: {STOCK_IQN}/tpg1/lun2" in info
+    assert _read(appliance, 1, 4 * MIB, MIB, tmp_path) == new
