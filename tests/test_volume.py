@@ -225,12 +225,13 @@ def test_unreadable_header_is_unknown(small_evlu, kek):
     assert t is not None and t.new == State.UNKNOWN and "unreadable" in t.reason
 
 
-def test_rescan_repairs_a_zeroed_primary_header_and_keeps_serving(small_evlu, kek):
+def test_rescan_repairs_a_zeroed_primary_header_and_keeps_serving(small_evlu, kek, caplog):
     dev, _, _ = small_evlu
     vol = Volume.open(dev, key_source=SyncSource({"k1": kek}))
     vol.write(0, b"\x5a" * 512)
     dev.pwrite(bytes(4096), 0)  # the primary binary header wiped under a running LUN
     assert vol.rescan() is None and vol.state == State.ENCRYPTED
+    assert f"{dev.path}: header copy rewritten from the secondary copy" in caplog.text
     assert dev.pread(6, 0) == binary.MAGIC_PRIMARY
     result = fmt.read(dev)
     assert result.primary_ok and result.secondary_ok
@@ -304,11 +305,12 @@ def test_operations_need_the_key(small_evlu):
         vol.rotate("k1", os.urandom(32), fmt.Binding("k2"))
 
 
-def test_open_repairs_a_damaged_copy(small_evlu, kek):
+def test_open_repairs_a_damaged_copy(small_evlu, kek, caplog):
     dev, _, _ = small_evlu
     dev.pwrite(b"\xff" * 8, 4096 + 8)
     Volume.open(dev, key_source=SyncSource({"k1": kek}))
     assert not fmt.read(dev).needs_repair
+    assert "header copy rewritten from the secondary copy (primary header" in caplog.text
 
 
 def test_io_concurrent_with_state_changes(small_evlu, kek):

@@ -13,6 +13,7 @@ zeroes.  A real ciphertext sector is all-zero with probability 2**-4096.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ from .state import (DataProtectError, LbaOutOfRangeError, NotReadyError, Operati
 Listener = Callable[["Volume", Transition], None]
 _WIPE_CHUNK = 1 << 30
 _ENCRYPTED_STATES = (State.WAITING_FOR_KEY, State.ENCRYPTED, State.NO_KEY)
+
+_log = logging.getLogger(__name__)
 
 
 def wipe_data_area(backstore: Backstore, data_offset: int,
@@ -65,8 +68,15 @@ def read_repaired(backstore: Backstore) -> fmt.Header:
     """Read the header, rewriting a damaged or stale copy from the good one."""
     result = fmt.read(backstore)
     if result.needs_repair:
-        fmt.repair(backstore, result)
+        _repair(backstore, result)
     return result.header
+
+
+def _repair(backstore: Backstore, result: fmt.ReadResult) -> None:
+    """Rewrite the damaged or stale header copy from the good one, and say so."""
+    fmt.repair(backstore, result)
+    _log.warning("%s: header copy rewritten from the %s copy (%s)", backstore.path,
+                 "primary" if result.primary_ok else "secondary", "; ".join(result.problems))
 
 
 @contextmanager
@@ -242,7 +252,7 @@ class Volume:
             header: fmt.Header | None = result.header
             header.metadata.data_segment  # noqa: B018 - raises if unsupported
             if result.needs_repair and not self.backstore.readonly:
-                fmt.repair(self.backstore, result)  # the damaged copy, from the good one
+                _repair(self.backstore, result)
             capacity = self._compute_capacity(header)
         except fmt.NoHeaderError:
             header = None
