@@ -16,6 +16,7 @@ route (:func:`_small`, ~15-20 us for 4 KiB) and larger sectors one call each.
 
 from __future__ import annotations
 
+import io
 import operator
 import sys
 import threading
@@ -56,7 +57,7 @@ class SectorCipher:
     """aes-xts-plain64 over whole sectors (dm-crypt semantics).
 
     Safe to share between threads: each thread gets its own AES contexts, and
-    its own numpy scratch (about 2.5 MiB, shared by all ciphers).
+    its own numpy scratch (about 1.5 MiB, shared by all ciphers).
     """
 
     def __init__(
@@ -81,6 +82,8 @@ class SectorCipher:
         self._iv_step = sector_size // 512
         self._iv_tweak = iv_tweak
         self._batch_bytes = _BATCH_BYTES[sector_size]
+        # Whether a lone sector takes one cryptography call (the common 4 KiB I/O).
+        self._one_call = sector_size < self._batch_bytes and not self._short(sector_size)
         self._xts = algorithms.AES(self._key)
         self._contexts = threading.local()
 
@@ -104,19 +107,19 @@ class SectorCipher:
 
     def encrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes:
         """Encrypt whole sectors; ``sector`` is the index of the first one."""
-        return self._crypt(data, sector, encrypt=True)
+        return self._crypt(data, sector, True)
 
     def decrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes:
         """Decrypt whole sectors; ``sector`` is the index of the first one."""
-        return self._crypt(data, sector, encrypt=False)
+        return self._crypt(data, sector, False)
 
     def encrypt_into(self, buf: bytearray | memoryview | Any, sector: int) -> None:
         """Encrypt the whole sectors of a writable buffer in place."""
-        self._crypt_into(buf, sector, encrypt=True)
+        self._crypt_into(buf, sector, True)
 
     def decrypt_into(self, buf: bytearray | memoryview | Any, sector: int) -> None:
         """Decrypt the whole sectors of a writable buffer in place."""
-        self._crypt_into(buf, sector, encrypt=False)
+        self._crypt_into(buf, sector, False)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -124,36 +127,53 @@ class SectorCipher:
         """Whether a buffer of ``size`` bytes takes the short numpy route."""
         return self.sector_size == 512 and _SMALL_BYTES <= size < self._batch_bytes
 
-    def _crypt(self, data: Any, sector: int, *, encrypt: bool) -> bytes:
-        src, sector = self._check(data, sector)
-        if self._short(len(src)):
+    def _crypt(self, data: Any, sector: int, encrypt: bool) -> bytes:
+        src, iv = self._check(data, sector)
+        size = len(src)
+        if size == self.sector_size and self._one_call:
+            # One sector (a 4 KiB I/O): one cryptography call, with no helper
+            # call around it; the Cipher set-up is most of the cost.
+            cipher = Cipher(self._xts, modes.XTS(iv.to_bytes(16, "little")))
+            return (cipher.encryptor() if encrypt else cipher.decryptor()).update(src)
+        if self._short(size):
             out = bytearray(src)
-            self._small(out, sector, encrypt)
+            self._small(out, iv, encrypt)
             return bytes(out)
-        if len(src) < self._batch_bytes:
-            return b"".join(self._per_sector(src, sector, encrypt))
-        # A fresh numpy array beside the fresh result would make glibc unmap and
-        # re-fault both on every call; the thread's reused buffer avoids that.
-        out = _batch().out[:len(src)] if len(src) <= _SPAN else np.empty(len(src), np.uint8)
-        self._batched(np.frombuffer(src, np.uint8), out, sector, encrypt)
-        return out.tobytes()
+        if size < self._batch_bytes:
+            return b"".join(self._per_sector(src, iv, encrypt))
+        # The result is written where it will stay: a BytesIO grown to size (one
+        # memset) lends its buffer; getvalue() then hands that buffer over as
+        # bytes without a copy, and no 1 MiB scratch sits between the two.
+        result = io.BytesIO()
+        result.seek(size - 1)
+        result.write(b"\0")
+        view = result.getbuffer()
+        self._batched(np.frombuffer(src, np.uint8), np.frombuffer(view, np.uint8), iv, encrypt)
+        view.release()  # the array above is gone: getvalue() need not copy
+        return result.getvalue()
 
-    def _crypt_into(self, buf: Any, sector: int, *, encrypt: bool) -> None:
-        view, sector = self._check(buf, sector)
+    def _crypt_into(self, buf: Any, sector: int, encrypt: bool) -> None:
+        view, iv = self._check(buf, sector)
         if view.readonly:
             raise TypeError("buf must be a writable buffer")
-        if self._short(len(view)):
-            self._small(view, sector, encrypt)
+        size = len(view)
+        if size == self.sector_size and self._one_call:  # as in _crypt
+            cipher = Cipher(self._xts, modes.XTS(iv.to_bytes(16, "little")))
+            view[:] = (cipher.encryptor() if encrypt else cipher.decryptor()).update(view)
             return
-        if len(view) < self._batch_bytes:
-            size = self.sector_size
-            for i, out in enumerate(self._per_sector(view, sector, encrypt)):
-                view[i * size:(i + 1) * size] = out
+        if self._short(size):
+            self._small(view, iv, encrypt)
+            return
+        if size < self._batch_bytes:
+            step = self.sector_size
+            for i, out in enumerate(self._per_sector(view, iv, encrypt)):
+                view[i * step:(i + 1) * step] = out
             return
         array = np.frombuffer(view, np.uint8)
-        self._batched(array, array, sector, encrypt)
+        self._batched(array, array, iv, encrypt)
 
     def _check(self, data: Any, sector: int) -> tuple[memoryview, int]:
+        """The buffer as bytes and the plain64 IV of its first sector."""
         if self._key is None:
             raise CryptoError("SectorCipher is closed")
         view = memoryview(data).cast("B")
@@ -162,15 +182,12 @@ class SectorCipher:
         sector = operator.index(sector)
         if not 0 <= sector < 1 << 64:
             raise CryptoError("sector must be in [0, 2**64)")
-        return view, sector
-
-    def _first_iv(self, sector: int) -> int:
-        return (sector * self._iv_step + self._iv_tweak) % (1 << 64)
+        return view, (sector * self._iv_step + self._iv_tweak) % (1 << 64)
 
     # -- one cryptography call per sector ---------------------------------------
 
-    def _per_sector(self, src: memoryview, sector: int, encrypt: bool) -> list[bytes]:
-        size, step, iv = self.sector_size, self._iv_step, self._first_iv(sector)
+    def _per_sector(self, src: memoryview, iv: int, encrypt: bool) -> list[bytes]:
+        size, step = self.sector_size, self._iv_step
         out = []
         for offset in range(0, len(src), size):
             cipher = Cipher(self._xts, modes.XTS(iv.to_bytes(16, "little")))
@@ -187,15 +204,15 @@ class SectorCipher:
             contexts = self._contexts.value = _Contexts(self._key)
         return contexts
 
-    def _batched(self, src: np.ndarray, dst: np.ndarray, sector: int, encrypt: bool) -> None:
+    def _batched(self, src: np.ndarray, dst: np.ndarray, first_iv: int, encrypt: bool) -> None:
         contexts = self._thread_contexts()
-        _batch().run(src, dst, self._first_iv(sector), self.sector_size, contexts.tweak,
+        _batch().run(src, dst, first_iv, self.sector_size, contexts.tweak,
                      contexts.encrypt if encrypt else contexts.decrypt)
 
-    def _small(self, buf: Any, sector: int, encrypt: bool) -> None:
+    def _small(self, buf: Any, first_iv: int, encrypt: bool) -> None:
         """In place over a few 512-byte sectors (see :func:`_small`)."""
         contexts = self._thread_contexts()
-        _small(buf, len(buf) // 512, self._first_iv(sector), contexts.tweak,
+        _small(buf, len(buf) // 512, first_iv, contexts.tweak,
                contexts.encrypt if encrypt else contexts.decrypt)
 
 
@@ -269,7 +286,6 @@ class _Batch:
         self.tweak_words = self.tweaks.view(_U64).reshape(_CHUNK_VS, 64)
         self.work = np.empty(_CHUNK + 16, np.uint8)  # the AES output needs 16 bytes of slack
         self.work_words = self.work[:_CHUNK].view(_U64).reshape(_CHUNK_VS, 64)
-        self.out = np.empty(_SPAN, np.uint8)
 
     def run(self, src: np.ndarray, dst: np.ndarray, first_iv: int, sector_size: int,
             tweak_aes: Callable, aes: Callable) -> None:
