@@ -364,3 +364,60 @@ def test_encrypt_stock_asks_first(sh: Shell, tmp_path: Path) -> None:
     sh.run(f"/encryption create lun4 {tmp_path / 'lun4.img'} size=32M wipe=no")
     assert sh.complete("encrypt", "name", "") == ["fileio/disk1 "]  # lun4 is encrypted already
     assert "fileio/disk1" in sh.run("/encryption help encrypt")
+
+
+class FailingLio(FrozenLio):
+    """LIO as a fixed snapshot whose changes are recorded; making the user:evlu backstore
+    fails when ``create_fails``."""
+
+    def __init__(self, snapshot: stock.Snapshot, *, create_fails: bool) -> None:
+        super().__init__(snapshot)
+        self.create_fails = create_fails
+        self.calls: list[str] = []
+
+    def remove(self, plan: stock.Plan) -> None:
+        self.calls.append(f"remove {plan.source}")
+
+    def restore(self, plan: stock.Plan) -> list[stock.Failure]:
+        self.calls.append(f"restore {plan.source}")
+        return []
+
+    def create_evlu(self, plan: stock.Plan, size: int, serial: str) -> None:
+        self.calls.append(f"create {plan.source.name}")
+        if self.create_fails:
+            raise OSError("configfs said no")
+
+    def export(self, plan: stock.Plan, plugin: str,
+               name: str) -> tuple[list[stock.Export], list[stock.Failure]]:
+        raise AssertionError("exported after a failure")
+
+
+def _disk1(tmp_path: Path) -> tuple[Path, stock.Snapshot]:
+    img = tmp_path / "disk1.img"
+    img.write_bytes(b"old data" + bytes(32 * MIB - 8))
+    return img, stock.Snapshot((_so("fileio", "disk1", str(img), 32 * MIB),),
+                               (stock.LunExport("iscsi", IQN_A, 1, 4, "a4", ("fileio", "disk1")),))
+
+
+def test_encrypt_stock_puts_everything_back_when_the_format_did_not_start(
+        sh: Shell, tmp_path: Path) -> None:
+    img, snapshot = _disk1(tmp_path)
+    sh.node.lio = lio = FailingLio(snapshot, create_fails=False)
+    failed = sh.fails("/encryption encrypt fileio/disk1 confirm=yes kms=nosuch")
+    assert f"{img} was not formatted" in failed and "nosuch" in failed, failed
+    assert "fileio/disk1 and its 1 export(s) are back as they were" in failed
+    assert lio.calls == ["remove fileio/disk1", "restore fileio/disk1"]
+    assert img.read_bytes()[:8] == b"old data"
+
+
+def test_encrypt_stock_says_how_to_finish_when_the_backstore_cannot_be_made(
+        sh: Shell, tmp_path: Path) -> None:
+    img, snapshot = _disk1(tmp_path)
+    sh.node.lio = lio = FailingLio(snapshot, create_fails=True)
+    failed = sh.fails("/encryption encrypt fileio/disk1 confirm=yes")
+    assert f"{img} is now an eVLU, but its user:evlu backstore could not be made: configfs " \
+           "said no" in failed, failed
+    assert f"/backstores/user:evlu create disk1 {16 * MIB} evlu/{img}" in failed
+    assert f"/iscsi/{IQN_A}/tpg1/luns create /backstores/user:evlu/disk1 lun=4" in failed
+    assert lio.calls == ["remove fileio/disk1", "create disk1"]
+    assert img.read_bytes()[:6] == b"LUKS\xba\xbe"
