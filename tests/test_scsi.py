@@ -370,6 +370,18 @@ def test_dpo_ignored_fua_reaches_the_backend(lu, store):
     assert store.flushes == 2
 
 
+def test_write_cache_off_makes_every_write_durable(plain, store):
+    """WCE=0 (LIO's emulate_write_cache=0) is write-through: each write is flushed, WRITE
+    SAME and COMPARE AND WRITE included, as no SYNCHRONIZE CACHE will follow."""
+    lu = LogicalUnit(plain, limits=Limits(write_cache=False))
+    good(lu, cdb10(0x2A, 0, 1), bytes(512))
+    assert store.flushes == 1
+    good(lu, cdb10(0x41, 8, 4), b"\x5a" * 512)  # WRITE SAME(10)
+    assert store.flushes == 2
+    good(lu, cdb16(0x89, 0, 1), bytes(512) + b"\x01" * 512)  # COMPARE AND WRITE
+    assert store.flushes == 3 and bytes(plain.read(0, 1)) == b"\x01" * 512
+
+
 def test_read_scattered_buffer(lu):
     good(lu, cdb10(0x2A, 7, 2), pattern(2, 3))
     result, xfer = run(lu, cdb10(0x28, 7, 2), length=1024, contiguous=False)

@@ -163,8 +163,10 @@ class LogicalUnit:
             raise CheckCondition(READ_ERROR) from exc
 
     def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
+        """Write blocks; durable before this returns when FUA is set, or when the write
+        cache is off (WCE=0 promises write-through, so no SYNCHRONIZE CACHE follows)."""
         try:
-            self.backend.write(lba, data, fua=fua)
+            self.backend.write(lba, data, fua=fua or not self.limits.write_cache)
         except VolumeIOError as exc:
             log.error("write at LBA %d failed: %s", lba, exc)
             raise CheckCondition(WRITE_ERROR) from exc
