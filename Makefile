@@ -28,7 +28,7 @@ demo-native: deps
 # The VM tier builds the appliance image first when its inputs changed (cached
 # outside the clone, see appliance/image.py), boots it under QEMU, powers it off.
 NATIVE_TESTS := $(PY) -m pytest -m 'not vm'
-VM_TESTS     := $(PY) -m pytest -m vm tests/vm
+VM_TESTS     := $(PY) -m pytest -m vm tests/vm --durations=12
 
 test: deps
 	$(NATIVE_TESTS)

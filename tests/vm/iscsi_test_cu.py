@@ -42,7 +42,7 @@ def parse(xml: Path, family: str = "SCSI") -> dict[str, SuiteResult]:
 
 
 def run(url: str, workdir: Path, suites: tuple[str, ...] = SUITES,
-        timeout: float = 900) -> dict[str, SuiteResult]:
+        timeout: float = 1800) -> dict[str, SuiteResult]:
     """Run the suites (destructive tests allowed) against url; results per suite."""
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["iscsi-test-cu", "--dataloss", "--xml", f"--test={','.join(suites)}",
