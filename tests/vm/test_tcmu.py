@@ -219,6 +219,9 @@ def test_resize_reaches_the_initiator(appliance: Appliance, served: dict,
     """Grow the backing file, then LIO's dev_size: the RECONFIG event carries the size."""
     lun0 = served["luns"]["lun0"]
     disk, new_size = guest_scsi[lun0["lun"]], lun0["size"] + 16 * MIB
+    for _ in range(5):  # unit attentions still queued for the guest (LIO's 3F/0E for lun2)
+        if appliance.agent.run(["sg_turs", disk], check=False).rc == 0:
+            break
     sh(appliance, f"""
         truncate -s {new_size + 16 * MIB} {lun0['path']}
         echo {new_size} > $(ls -d /sys/kernel/config/target/core/user_*/lun0)/attrib/dev_size""")
