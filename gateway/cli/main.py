@@ -23,31 +23,33 @@ from .parser import build_parser
 __all__ = ["CliError", "build_parser", "execute", "main"]
 
 
-def _exit_code(exc: Exception) -> int | None:
-    """The exit code for an error of the layers below, or None (a bug: let it through).
+#: (module, exception type, exit code), most specific first; by name, so that only the
+#: modules a command loaded are consulted (only they can have raised)
+_EXIT_CODES = (
+    ("gateway.volume", "OperationRefusedError", EXIT_REFUSED),
+    ("gateway.format", "WrongKeyError", EXIT_WRONG_KEY),
+    ("gateway.kms", "KmsConfigError", EXIT_USAGE),
+    ("gateway.kms", "KmsUnreachableError", EXIT_KMS_UNREACHABLE),
+    ("gateway.kms", "KmsError", EXIT_KMS_REFUSED),
+    ("gateway.format", "HeaderExistsError", EXIT_REFUSED),
+    ("gateway.format", "NoHeaderError", EXIT_NO_HEADER),
+    ("gateway.format", "LayoutError", EXIT_USAGE),
+    ("gateway.format", "FormatError", EXIT_UNUSABLE),
+    ("gateway.backstore", "BackstoreError", EXIT_ERROR),
+    ("gateway.volume", "VolumeError", EXIT_ERROR),
+    ("gateway.tcmu.netlink", "NetlinkError", EXIT_ERROR),
+    ("gateway.tcmu.dbus_service", "DbusError", EXIT_ERROR),
+)
 
-    Only modules already loaded can have raised, so only those are consulted."""
-    checks = (  # module, exception type, exit code; most specific first
-        ("gateway.cli.keys", "KmsRefusal", None),
-        ("gateway.volume", "OperationRefusedError", EXIT_REFUSED),
-        ("gateway.format", "WrongKeyError", EXIT_WRONG_KEY),
-        ("gateway.kms", "KmsConfigError", EXIT_USAGE),
-        ("gateway.kms", "KmsUnreachableError", EXIT_KMS_UNREACHABLE),
-        ("gateway.kms", "KmsError", EXIT_KMS_REFUSED),
-        ("gateway.format", "HeaderExistsError", EXIT_REFUSED),
-        ("gateway.format", "NoHeaderError", EXIT_NO_HEADER),
-        ("gateway.format", "LayoutError", EXIT_USAGE),
-        ("gateway.format", "FormatError", EXIT_UNUSABLE),
-        ("gateway.backstore", "BackstoreError", EXIT_ERROR),
-        ("gateway.volume", "VolumeError", EXIT_ERROR),
-        ("gateway.tcmu.netlink", "NetlinkError", EXIT_ERROR),
-        ("gateway.tcmu.dbus_service", "DbusError", EXIT_ERROR),
-    )
-    for module, name, code in checks:
+
+def _exit_code(exc: Exception) -> int | None:
+    """The exit code for an error of the layers below, or None (a bug: let it through)."""
+    keys = sys.modules.get("gateway.cli.keys")
+    if keys is not None and isinstance(exc, keys.KmsRefusal):
+        return EXIT_WRONG_KEY if exc.wrong_key else EXIT_KMS_REFUSED
+    for module, name, code in _EXIT_CODES:
         loaded = sys.modules.get(module)
         if loaded is not None and isinstance(exc, getattr(loaded, name)):
-            if code is None:  # KmsRefusal: the key does not open the volume, or a refusal
-                return EXIT_WRONG_KEY if exc.wrong_key else EXIT_KMS_REFUSED  # type: ignore
             return code
     return None
 
