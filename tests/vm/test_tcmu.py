@@ -222,11 +222,21 @@ def test_resize_reaches_the_initiator(appliance: Appliance, served: dict,
     for _ in range(5):  # unit attentions still queued for the guest (LIO's 3F/0E for lun2)
         if appliance.agent.run(["sg_turs", disk], check=False).rc == 0:
             break
+    # udev answers a 3F/0E with commands of its own: let them finish before the resize
+    seen = int(sh(appliance, "udevadm settle; dmesg | grep -c 'Capacity data has changed' || true"))
     sh(appliance, f"""
         truncate -s {new_size + 16 * MIB} {lun0['path']}
-        echo {new_size} > $(ls -d /sys/kernel/config/target/core/user_*/lun0)/attrib/dev_size""")
-    tur = appliance.agent.run(["sg_turs", "-v", disk], check=False)
-    assert tur.rc != 0 and "capacity data has changed" in (tur.text + tur.stderr.decode()).lower()
+        echo {new_size} > $(ls -d /sys/kernel/config/target/core/user_*/lun0)/attrib/dev_size
+        # without netlink replies the write returns before the handler has seen the event
+        for i in $(seq 60); do
+            journalctl -u evlu-tcmu-test | grep -q "reconfigured: dev_size {new_size}" && break
+            sleep 0.5
+        done""")
+    # The unit attention 2A/09 goes to the first command after the resize: this TUR, or
+    # one the guest's kernel sent meanwhile.  Either way the guest's SCSI layer logs it.
+    appliance.agent.run(["sg_turs", disk], check=False)
+    told = int(sh(appliance, "dmesg | grep -c 'Capacity data has changed' || true"))
+    assert told == seen + 1, f"the guest saw 2A/09 {told - seen} times after the resize"
     assert f"Device size: {new_size} bytes" in sh(appliance, f"sg_readcap -l {disk}")
     assert f"Total size:{new_size}" in host("iscsi-readcapacity16",
                                             url(appliance, served["iqn"], lun0["lun"]))
