@@ -2,8 +2,9 @@
 
 Boots the dev appliance (QEMU; TCG on this project's build machines), sets up
 the embedded KMS and formats an eVLU through it, starts tcmu-runner and our
-handler side by side (``evlu tcmu serve --dbus off``; ours are created with
-``nl_reply_supported=-1``, so tcmu-runner's reply mode does not touch them),
+handler side by side (``evlu tcmu serve --dbus beside-runner``, which leaves
+tcmu-runner's netlink reply mode alone; ours are created with
+``nl_reply_supported=-1``, so that mode does not touch them),
 and exports three LUNs of the same size behind one target (see
 bench/guest/tcmu_luns.py): ``user:evlu`` (encrypted, key from the KMS),
 ``user:qcow`` (tcmu-runner 1.5.4's qcow handler serving a raw file) and LIO
@@ -74,7 +75,7 @@ def set_up(vm: Appliance, size_mib: int, workers: int) -> dict:
         evlu format {DIR}/evlu.img --kms -q --yes >/dev/null
         systemctl unmask tcmu-runner >/dev/null 2>&1; systemctl start tcmu-runner
         systemd-run --unit=evlu-tcmu-bench -p EnvironmentFile=/etc/default/evlu-gateway \\
-            /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus off --workers {workers}
+            /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus beside-runner --workers {workers}
         for i in $(seq 180); do
             journalctl -u evlu-tcmu-bench | grep -q "serving user:evlu" && break; sleep 1
         done

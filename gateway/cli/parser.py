@@ -223,8 +223,8 @@ def _tcmu(sub: Any, common: argparse.ArgumentParser) -> None:
                                                           "(default: %(default)s)")
     p.add_argument("--dbus", choices=("standalone", "beside-runner", "off"), default="standalone",
                    help="how targetcli finds the handler: own org.kernel.TCMUService1 "
-                        "(standalone), register with tcmu-runner, or no D-Bus "
-                        "(default: %(default)s)")
+                        "(standalone), register with tcmu-runner (beside-runner: use it "
+                        "whenever tcmu-runner runs), or no D-Bus (default: %(default)s)")
     p.set_defaults(func="tcmu_cmds:cmd_serve")
     p = tsub.add_parser("check", parents=[common], help="Say whether a user:evlu "
                         "configuration string can be served (targetcli's CheckConfig).")

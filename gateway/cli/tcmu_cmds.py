@@ -11,7 +11,6 @@ from ..process import make_undumpable
 from ..tcmu import cfgstring
 from ..tcmu.dbus_service import TcmuDbusService
 from ..tcmu.handler import Handler
-from ..tcmu.netlink import set_reply_mode
 from .keys import KmsSession
 
 
@@ -25,12 +24,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     handler = dbus = None
     try:
-        if args.dbus == "standalone":
-            # No tcmu-runner here: switch off the reply mode it may have left on, so
-            # devices made by stock targetcli or restoreconfig (no nl_reply_supported=-1)
-            # are not waited for.
-            set_reply_mode(False)
-        handler = Handler(session.lookups, workers=args.workers).start()
+        handler = Handler(session.lookups, workers=args.workers,
+                          beside_runner=args.dbus == "beside-runner").start()
         if args.dbus != "off":
             dbus = TcmuDbusService(cfgstring.SUBTYPE, cfgstring.CONFIG_DESC, cfgstring.check,
                                    beside_runner=args.dbus == "beside-runner").start()

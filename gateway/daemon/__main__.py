@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, metavar="N", help="I/O threads per device "
                    "(default: 4)")
     p.add_argument("--dbus", choices=("standalone", "beside-runner", "off"),
-                   help="how targetcli finds the handler (default: standalone)")
+                   help="how targetcli finds the handler (default: standalone); "
+                        "beside-runner whenever tcmu-runner runs")
     p.add_argument("--no-netlink", dest="netlink", action="store_const", const=False,
                    help="do not follow TCM-USER netlink events (only the devices present at "
                         "start are served; for hosts without target_core_user, and tests)")

@@ -29,7 +29,6 @@ from ..kms.pool import ManagerPool
 from ..tcmu import cfgstring
 from ..tcmu.dbus_service import DbusError, TcmuDbusService
 from ..tcmu.handler import Handler
-from ..tcmu.netlink import NetlinkError, set_reply_mode
 from ..tcmu.uio import CONFIGFS_CORE, SYSFS_UIO
 from ..volume import State
 from . import health
@@ -74,7 +73,8 @@ class Gatewayd:
                                         cache=KeyCache.from_config(self.config))
         self.luns = LunTable(self.lookups)
         self.handler = Handler(self.lookups, workers=options.workers, sysfs=options.sysfs,
-                               configfs=options.configfs, volumes=self.luns, wrap=self._meter)
+                               configfs=options.configfs, volumes=self.luns, wrap=self._meter,
+                               beside_runner=options.dbus == "beside-runner")
         self.watcher = HeaderWatcher(self.luns.all, options.watch_interval)
         self.kms_reachable: dict[str, bool] = {}
         self.lio_error: str | None = None
@@ -96,8 +96,6 @@ class Gatewayd:
     def start(self) -> Gatewayd:
         self.control.bind()  # first: a second gatewayd must not touch the rings
         self.lookups.start()
-        if self.options.netlink and self.options.dbus != "beside-runner":
-            self._no_netlink_replies()
         self.handler.start(listen=self.options.netlink)
         if self.options.dbus != "off":
             try:
@@ -127,16 +125,6 @@ class Gatewayd:
                   len(self.luns.all()), self.options.socket,
                   "%s:%d" % self.options.metrics if self.options.metrics else "off")
         return self
-
-    def _no_netlink_replies(self) -> None:
-        """No tcmu-runner beside us: the kernel is to wait for no netlink reply, or a device
-        made without nl_reply_supported=-1 (stock targetcli, restoreconfig, a boot-time
-        restore) hangs in enable once a tcmu-runner has turned the module-wide switch on."""
-        try:
-            set_reply_mode(False)
-        except NetlinkError as exc:
-            _log.error("could not switch TCM-USER netlink replies off (%s): a user:evlu device "
-                       "created without nl_reply_supported=-1 may hang in enable", exc)
 
     def stop(self) -> None:
         notify("STOPPING=1")

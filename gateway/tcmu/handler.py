@@ -29,7 +29,7 @@ from ..volume import KeySource, Volume
 from . import cfgstring
 from .device import Executor, RingDevice
 from .doorbell import UioDoorbell
-from .netlink import Event, NetlinkListener
+from .netlink import Event, NetlinkError, NetlinkListener, set_reply_mode
 from .ring import RingError
 from .uio import CONFIGFS_CORE, SYSFS_UIO, Mapping, UioDevice, parse_name, read_device, \
     recover, scan
@@ -140,19 +140,34 @@ def limits_of(device: UioDevice, volume: Volume, configfs: Path, data_area: int)
                   max_write_same_blocks=max_blocks, write_cache=cache)
 
 
+def _no_netlink_replies() -> None:
+    """With no tcmu-runner beside us, the kernel is to wait for no netlink reply: a
+    device made without ``nl_reply_supported=-1`` (stock targetcli, restoreconfig, a
+    boot-time restore) would hang in enable once a tcmu-runner, gone since, had turned
+    the module-wide switch on (rtslib's saveconfig drops the -1)."""
+    try:
+        set_reply_mode(False)
+    except NetlinkError as exc:
+        _log.error("could not switch TCM-USER netlink replies off (%s): a user:evlu device "
+                   "created without nl_reply_supported=-1 may hang in enable", exc)
+
+
 class Handler:
     """Serves every ``user:evlu`` device of this host."""
 
     def __init__(self, key_source: KeySource | None, *, workers: int = 4,
                  sysfs: Path = SYSFS_UIO, configfs: Path = CONFIGFS_CORE,
                  volumes: VolumeSource | None = None,
-                 wrap: Callable[[str, LogicalUnit], Executor] | None = None) -> None:
+                 wrap: Callable[[str, LogicalUnit], Executor] | None = None,
+                 beside_runner: bool = False) -> None:
         """``volumes``: where volumes come from (default: each device its own);
-        ``wrap(so_name, lu)``: what the ring executes instead of ``lu`` (e.g. a meter)."""
+        ``wrap(so_name, lu)``: what the ring executes instead of ``lu`` (e.g. a meter);
+        ``beside_runner``: a tcmu-runner serves other subtypes on this host."""
         self.key_source = key_source
         self.volumes = volumes or OwnVolumes(key_source)
         self.wrap = wrap
         self.workers = workers
+        self.beside_runner = beside_runner
         self.sysfs, self.configfs = sysfs, configfs
         self.served: dict[str, Served] = {}  # by uio name
         self._lock = threading.Lock()
@@ -164,6 +179,8 @@ class Handler:
         """Serve existing devices, then (``listen``) follow netlink events in a thread."""
         if listen:
             self._listener = NetlinkListener()
+            if not self.beside_runner:
+                _no_netlink_replies()
         for device in scan(cfgstring.SUBTYPE, self.sysfs):
             self.attach(device)
         if self._listener is not None:
