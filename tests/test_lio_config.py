@@ -40,6 +40,7 @@ path = "/dev/vg0/db1"
 block_size = 4096
 kms = "default"
 serial = "db1-serial"
+write_cache = true
 
 [[targets.tpgs.acls]]
 initiator = "{HOST}"
@@ -116,9 +117,9 @@ def test_example_loads_with_defaults(tmp_path: Path) -> None:
     assert tpg.enforces_auth and not tpg.generate_node_acls and tpg.enable
     assert tpg.attributes == {"login_timeout": 15}
     lun0, lun1 = tpg.luns
-    assert (lun0.block_size, lun0.plain, lun0.kms) == (512, False, None)
+    assert (lun0.block_size, lun0.plain, lun0.kms, lun0.write_cache) == (512, False, None, False)
     assert lun0.backstore_name.startswith("db0.img-") and lun0.cfgstring == lun0.path
-    assert lun1.block_size == 4096 and lun1.serial == "db1-serial"
+    assert lun1.block_size == 4096 and lun1.serial == "db1-serial" and lun1.write_cache
     acl = tpg.acls[0]
     assert acl.chap is not None and acl.chap.mutual and acl.chap.password == SECRET
     assert [(m.lun, m.index, m.write_protect) for m in acl.mapped_luns] == [(0, 0, False),
@@ -305,8 +306,8 @@ def test_one_path_one_backstore_one_definition() -> None:
         f"{t1}.luns[1]: /a.img is also {t1}.luns[0] under backstore {name!r}: one path, "
         "one backstore",
         f"{t1}.luns[2]: backstore 'x' is also {t1}.luns[1] over another path (/a.img)",
-        f"{t2}.luns[0]: same backstore as {t1}.luns[0], but its block_size, kms, plain or "
-        "serial differ",
+        f"{t2}.luns[0]: same backstore as {t1}.luns[0], but its block_size, kms, plain, "
+        "serial or write_cache differ",
     ]
 
 
@@ -376,7 +377,8 @@ def configs(draw: hs.DrawFn) -> cfg.LioConfig:
         for tag in draw(hs.lists(hs.integers(1, 4), min_size=1, max_size=2, unique=True)):
             numbers = draw(hs.lists(hs.integers(0, 300), max_size=3, unique=True))
             luns = tuple(cfg.Lun(n, f"/srv/{t}-{tag}-{n}.img", draw(hs.sampled_from((512, 4096))),
-                                 draw(hs.sampled_from((None, "default"))), draw(hs.booleans()))
+                                 draw(hs.sampled_from((None, "default"))), draw(hs.booleans()),
+                                 write_cache=draw(hs.booleans()))
                          for n in numbers)
             acls = []
             for i in draw(hs.lists(_names, max_size=2, unique=True)):

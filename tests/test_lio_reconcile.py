@@ -232,6 +232,21 @@ def test_adopts_an_identical_target_and_fixes_what_differs(tmp_path: Path) -> No
     assert lio.state[acl.key].attributes == (("dataout_timeout", "3"),)  # not ours to reset
 
 
+def test_write_cache_is_switched_in_place(tmp_path: Path) -> None:
+    lio = MemoryLio()
+    rec = reconciler(lio, tmp_path)
+    rec.apply(config_of(BASE, CHAP))
+    key = ("backstore", cfg.backstore_name("/srv/a.img"))
+    cached = BASE.replace('path = "/srv/a.img" }', 'path = "/srv/a.img", write_cache = true }')
+    changes = rec.apply(config_of(cached, CHAP))
+    assert [(c.action, c.obj.kind) for c in changes] == [("update", "backstore")]
+    assert str(changes[0]).endswith(": write_cache False -> True")
+    assert lio.state[key].write_cache and "write cache on" in lio.state[key].describe()
+    assert rec.apply(config_of(cached, CHAP)) == []
+    assert [str(c).split(": ")[-1] for c in rec.apply(config_of(BASE, CHAP))] == [
+        "write_cache True -> False"]
+
+
 def test_discovery_auth_is_owned_once_configured(tmp_path: Path) -> None:
     lio = MemoryLio(State.of([st.Discovery(True, Auth("admin", "admins-secret-1"))]))
     rec = reconciler(lio, tmp_path)

@@ -17,7 +17,7 @@ from gateway.backstore import open_backstore
 from gateway.scsi import Identity, Limits, LogicalUnit
 from gateway.tcmu import netlink as nl
 from gateway.tcmu import uio
-from gateway.tcmu.handler import dev_size_of, reconfigure
+from gateway.tcmu.handler import dev_size_of, limits_of, reconfigure
 from gateway.tcmu.simkernel import SimKernel
 from gateway.volume import Volume
 
@@ -178,3 +178,24 @@ def test_dev_size_is_read_from_configfs(tmp_path: Path) -> None:
     attrib.mkdir(parents=True)
     (attrib / "dev_size").write_text("67108864\n")
     assert dev_size_of(device, tmp_path) == 64 << 20
+
+
+def test_limits_follow_lios_attributes(tmp_path: Path) -> None:
+    """WCE follows the backstore's emulate_write_cache; a transfer stays within both
+    hw_max_sectors and the ring's data area."""
+    path = tmp_path / "lun.img"
+    path.write_bytes(bytes(1 << 20))
+    volume = Volume.open(open_backstore(str(path)), allow_plain=True)
+    device = uio.UioDevice(0, 1, "lun0", "evlu", str(path), 4096)
+    attrib = device.configfs(tmp_path) / "attrib"
+    attrib.mkdir(parents=True)
+    try:
+        for value, cache in (("0", False), ("1", True)):
+            (attrib / "emulate_write_cache").write_text(f"{value}\n")
+            (attrib / "hw_max_sectors").write_text("2048\n")
+            limits = limits_of(device, volume, tmp_path, data_area=8 << 20)
+            assert limits.write_cache is cache
+            assert limits.max_transfer_blocks == 2048
+        assert limits_of(device, volume, tmp_path, data_area=64 << 10).max_transfer_blocks == 128
+    finally:
+        volume.close()

@@ -99,6 +99,7 @@ class Lun:
     plain: bool = False
     backstore: str | None = None   # default: derived from the path
     serial: str | None = None      # default: the eVLU's UUID
+    write_cache: bool = False      # WCE: writes complete before they are durable
 
     @property
     def backstore_name(self) -> str:
@@ -426,8 +427,9 @@ class _Parser:
         if serial is not None:
             x.check("serial", serial, None if _SERIAL.fullmatch(serial) else
                     "use letters, digits, '.', '_', ':' or '-', at most 64 characters")
+        write_cache = x.get("write_cache", (bool,), False)
         x.finish()
-        return Lun(number, path, block_size, kms, plain, name, serial)
+        return Lun(number, path, block_size, kms, plain, name, serial, write_cache)
 
     def acl(self, a: _Table, luns: set[int]) -> Acl:
         initiator = a.get("initiator", (str,), "", required=True).lower()
@@ -462,10 +464,11 @@ class _Parser:
             if same[1].path != lun.path:
                 self.problems.add(where, f"backstore {lun.backstore_name!r} is also {same[0]} "
                                          f"over another path ({same[1].path})")
-            elif (same[1].block_size, same[1].kms, same[1].plain, same[1].serial) != \
-                    (lun.block_size, lun.kms, lun.plain, lun.serial):
+            elif (same[1].block_size, same[1].kms, same[1].plain, same[1].serial,
+                  same[1].write_cache) != \
+                    (lun.block_size, lun.kms, lun.plain, lun.serial, lun.write_cache):
                 self.problems.add(where, f"same backstore as {same[0]}, but its block_size, kms, "
-                                         f"plain or serial differ")
+                                         f"plain, serial or write_cache differ")
             first = by_path.setdefault(lun.path, (where, lun))
             if first[1].backstore_name != lun.backstore_name:
                 self.problems.add(where, f"{lun.path} is also {first[0]} under backstore "
@@ -625,8 +628,9 @@ def _lun_doc(lun: Lun) -> dict[str, Any]:
     for name in ("kms", "backstore", "serial"):
         if getattr(lun, name) is not None:
             d[name] = getattr(lun, name)
-    if lun.plain:
-        d["plain"] = True
+    for name in ("plain", "write_cache"):
+        if getattr(lun, name):
+            d[name] = True
     return d
 
 

@@ -160,7 +160,7 @@ def desired(config: cfg.LioConfig, backings: dict[str, Backing],
                 objects.append(st.Backstore(
                     name, f"{SUBTYPE}/{lun.cfgstring}", backing.size, lun.block_size,
                     lun.serial or backing.uuid or str(uuid.uuid5(_PLAIN_NAMESPACE, lun.path)),
-                    MAX_TRANSFER // lun.block_size))
+                    MAX_TRANSFER // lun.block_size, write_cache=lun.write_cache))
                 objects.append(st.Lun(iqn, tpg.tag, lun.lun, name))
             for acl in tpg.acls:
                 attrs = {k: str(v) for k, v in acl.attributes.items()}

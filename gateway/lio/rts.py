@@ -66,7 +66,8 @@ class RtsLio:
             if so.plugin == "user":
                 objects.append(st.Backstore(
                     so.name, so.config or "", so.size, int(so.get_attribute("hw_block_size")),
-                    so.wwn, so.hw_max_sectors, int(so.get_attribute("nl_reply_supported"))))
+                    so.wwn, so.hw_max_sectors, int(so.get_attribute("nl_reply_supported")),
+                    so.get_attribute("emulate_write_cache") == "1"))
         for target in self.iscsi.targets:
             iqn = target.wwn
             objects.append(st.Target(iqn))
@@ -145,16 +146,20 @@ class RtsLio:
             hw_max_sectors=obj.hw_max_sectors,
             control=f"nl_reply_supported={obj.nl_reply_supported},hw_block_size={obj.block_size}")
         undo.append(so.delete)
+        if obj.write_cache:  # enabled already: the handler gets it as a RECONFIG event
+            so.set_attribute("emulate_write_cache", "1")
 
     def _delete_backstore(self, obj: Any, old: Any, undo: Undo) -> None:
         UserBackedStorageObject(obj.name).delete()
 
     def _update_backstore(self, obj: Any, old: Any, undo: Undo) -> None:
         so = UserBackedStorageObject(obj.name)
-        for name, attribute in (("size", "dev_size"), ("nl_reply_supported", "nl_reply_supported")):
-            if getattr(obj, name) != getattr(old, name):
-                so.set_attribute(attribute, str(getattr(obj, name)))
-                undo.append(lambda a=attribute, v=str(getattr(old, name)): so.set_attribute(a, v))
+        for name, attribute in (("size", "dev_size"), ("nl_reply_supported", "nl_reply_supported"),
+                                ("write_cache", "emulate_write_cache")):
+            new, previous = getattr(obj, name), getattr(old, name)
+            if new != previous:
+                so.set_attribute(attribute, str(int(new)))
+                undo.append(lambda a=attribute, v=str(int(previous)): so.set_attribute(a, v))
 
     # targets, TPGs, portals
     def _create_target(self, obj: Any, old: Any, undo: Undo) -> None:

@@ -85,6 +85,7 @@ class Backstore(Obj):
     serial: str
     hw_max_sectors: int
     nl_reply_supported: int = -1
+    write_cache: bool = False  # emulate_write_cache
 
     @property
     def owner(self) -> tuple[str, str]:
@@ -92,7 +93,8 @@ class Backstore(Obj):
 
     def describe(self) -> str:
         return (f"user:evlu/{self.name} ({self.config}, {self.size} bytes, "
-                f"{self.block_size}-byte blocks, serial {self.serial})")
+                f"{self.block_size}-byte blocks, serial {self.serial}"
+                f"{', write cache on' if self.write_cache else ''})")
 
 
 @dataclass(frozen=True)

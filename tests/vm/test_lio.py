@@ -58,7 +58,7 @@ chap = "disc"
 iqn = "{T1}"
 [[targets.tpgs]]
 luns = [{{ lun = 0, path = "{DIR}/a.img" }},
-        {{ lun = 1, path = "{DIR}/b.img", block_size = 4096 }}]
+        {{ lun = 1, path = "{DIR}/b.img", block_size = 4096, write_cache = true }}]
 acls = [{{ initiator = "{H1}", chap = "host1", mapped_luns = [{{ lun = 0 }}, {{ lun = 1 }}] }},
         {{ initiator = "{H2}", chap = "host2", mapped_luns = [{{ lun = 1, mapped_lun = 0 }}] }}]
 
@@ -77,7 +77,7 @@ chap = "disc"
 iqn = "{T1}"
 [[targets.tpgs]]
 luns = [{{ lun = 0, path = "{DIR}/a.img" }},
-        {{ lun = 1, path = "{DIR}/b.img", block_size = 4096 }}]
+        {{ lun = 1, path = "{DIR}/b.img", block_size = 4096, write_cache = true }}]
 acls = [{{ initiator = "{H1}", chap = "host1", mapped_luns = [{{ lun = 0 }}, {{ lun = 1 }}] }}]
 
 [[targets]]
@@ -181,6 +181,9 @@ def test_apply_check_state_idempotent_chap(gateway: Appliance) -> None:
     b = next(s for s in state["backstores"].values() if s["config"].endswith("/b.img"))
     assert b["control"].split(",")[1] == "hw_block_size=4096" and b["hw_max_sectors"] == 2048
     assert b["size"] == 40 * 2**20 - 16 * 2**20
+    assert b["attributes"]["emulate_write_cache"] == 1  # write_cache = true
+    assert all(s["attributes"]["emulate_write_cache"] == 0 for s in state["backstores"].values()
+               if s is not b)
     tpg = state["targets"][T1]["tpgs"][0]
     assert tpg["enable"] and tpg["attributes"]["authentication"] == 1
     assert tpg["attributes"]["generate_node_acls"] == 0
