@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtslib_fb import (LUN, TPG, FabricModule, MappedLUN, NetworkPortal, NodeACL, RTSRoot,
-                       Target, UserBackedStorageObject, tcm)
+                       RTSLibError, Target, UserBackedStorageObject, tcm)
 
 from . import state as st
 from .state import Auth, Change, State
@@ -22,6 +22,24 @@ from .state import Auth, Change, State
 log = logging.getLogger(__name__)
 Undo = list[Callable[[], None]]
 _AUTH = ("userid", "password", "mutual_userid", "mutual_password")
+
+
+class _UserBackstore(UserBackedStorageObject):
+    """A new ``user:`` storage object whose write cache is set before it is enabled.
+
+    On an enabled device the kernel hands such a change to the handler as a
+    netlink RECONFIG event, and refuses it (ESRCH) while no handler listens, as
+    when ``evlu lio boot`` runs before gatewayd.
+    """
+
+    def __init__(self, name: str, *, write_cache: bool, **settings: Any) -> None:
+        self._write_cache = write_cache
+        super().__init__(name, **settings)
+
+    def _enable(self) -> None:  # rtslib-fb: after the control writes, before "enable"
+        if self._write_cache:
+            self.set_attribute("emulate_write_cache", "1")
+        super()._enable()
 
 
 def _read_auth(node: Any, prefix: str = "chap_") -> Auth:
@@ -141,13 +159,11 @@ class RtsLio:
 
     # backstores
     def _create_backstore(self, obj: Any, old: Any, undo: Undo) -> None:
-        so = UserBackedStorageObject(
+        so = _UserBackstore(
             obj.name, config=obj.config, size=obj.size, wwn=obj.serial,
-            hw_max_sectors=obj.hw_max_sectors,
+            hw_max_sectors=obj.hw_max_sectors, write_cache=obj.write_cache,
             control=f"nl_reply_supported={obj.nl_reply_supported},hw_block_size={obj.block_size}")
         undo.append(so.delete)
-        if obj.write_cache:  # enabled already: the handler gets it as a RECONFIG event
-            so.set_attribute("emulate_write_cache", "1")
 
     def _delete_backstore(self, obj: Any, old: Any, undo: Undo) -> None:
         UserBackedStorageObject(obj.name).delete()
@@ -158,7 +174,14 @@ class RtsLio:
                                 ("write_cache", "emulate_write_cache")):
             new, previous = getattr(obj, name), getattr(old, name)
             if new != previous:
-                so.set_attribute(attribute, str(int(new)))
+                try:
+                    so.set_attribute(attribute, str(int(new)))
+                except RTSLibError as exc:
+                    if attribute != "nl_reply_supported" and "No such process" in str(exc):
+                        raise RTSLibError(f"{exc} (the kernel passes a change of {attribute} "
+                                          "to the user:evlu handler, and none is listening: "
+                                          "start gatewayd, then apply again)") from exc
+                    raise
                 undo.append(lambda a=attribute, v=str(int(previous)): so.set_attribute(a, v))
 
     # targets, TPGs, portals
