@@ -8,6 +8,7 @@ as targetcli-fb does (``rtslib`` may be a distinct copy with distinct classes).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -24,22 +25,10 @@ Undo = list[Callable[[], None]]
 _AUTH = ("userid", "password", "mutual_userid", "mutual_password")
 
 
-class _UserBackstore(UserBackedStorageObject):
-    """A new ``user:`` storage object whose write cache is set before it is enabled.
-
-    On an enabled device the kernel hands such a change to the handler as a
-    netlink RECONFIG event, and refuses it (ESRCH) while no handler listens, as
-    when ``evlu lio boot`` runs before gatewayd.
-    """
-
-    def __init__(self, name: str, *, write_cache: bool, **settings: Any) -> None:
-        self._write_cache = write_cache
-        super().__init__(name, **settings)
-
-    def _enable(self) -> None:  # rtslib-fb: after the control writes, before "enable"
-        if self._write_cache:
-            self.set_attribute("emulate_write_cache", "1")
-        super()._enable()
+def _no_listener(exc: RTSLibError) -> bool:
+    """Whether the kernel refused an attribute because no TCMU handler listens (ESRCH)."""
+    cause = exc.__context__
+    return isinstance(cause, OSError) and cause.errno == errno.ESRCH
 
 
 def _read_auth(node: Any, prefix: str = "chap_") -> Auth:
@@ -159,11 +148,22 @@ class RtsLio:
 
     # backstores
     def _create_backstore(self, obj: Any, old: Any, undo: Undo) -> None:
-        so = _UserBackstore(
+        so = UserBackedStorageObject(
             obj.name, config=obj.config, size=obj.size, wwn=obj.serial,
-            hw_max_sectors=obj.hw_max_sectors, write_cache=obj.write_cache,
+            hw_max_sectors=obj.hw_max_sectors,
             control=f"nl_reply_supported={obj.nl_reply_supported},hw_block_size={obj.block_size}")
         undo.append(so.delete)
+        if obj.write_cache:
+            try:
+                so.set_attribute("emulate_write_cache", "1")
+            except RTSLibError as exc:
+                if not _no_listener(exc):
+                    raise
+                # rtslib enables a device as it creates it; from then on the kernel passes
+                # this change to the handler, and refuses it while none listens (evlu lio
+                # boot runs before gatewayd, whose apply at start then sets it)
+                log.warning("backstore %s: write cache left off until the user:evlu handler "
+                            "runs (gatewayd switches it on when it starts)", obj.name)
 
     def _delete_backstore(self, obj: Any, old: Any, undo: Undo) -> None:
         UserBackedStorageObject(obj.name).delete()
@@ -177,7 +177,7 @@ class RtsLio:
                 try:
                     so.set_attribute(attribute, str(int(new)))
                 except RTSLibError as exc:
-                    if attribute != "nl_reply_supported" and "No such process" in str(exc):
+                    if _no_listener(exc):
                         raise RTSLibError(f"{exc} (the kernel passes a change of {attribute} "
                                           "to the user:evlu handler, and none is listening: "
                                           "start gatewayd, then apply again)") from exc

@@ -267,7 +267,7 @@ def test_boot_restores_lio_and_keeps_secrets_out_of_sight(gateway: Appliance) ->
     expected = ours(dump(vm))
     # shutdown clears LIO (targetctl clear); boot: rtslib's file minus ours, then lio.toml,
     # then the handler starts (as at boot: it attaches to the devices that exist)
-    sh(vm, f"systemctl stop evlu-lio-tcmu; targetctl clear; evlu lio boot 2>&1; {HANDLER}")
+    booted = sh(vm, f"systemctl stop evlu-lio-tcmu; targetctl clear; evlu lio boot 2>&1; {HANDLER}")
     after = dump(vm)
     assert any(t["wwn"] == "iqn.2003-01.org.example:admin" for t in after["targets"])
     restored = ours(after)
@@ -275,6 +275,11 @@ def test_boot_restores_lio_and_keeps_secrets_out_of_sight(gateway: Appliance) ->
         assert {k: so[k] for k in ("config", "size", "wwn", "control")} == \
             {k: restored["backstores"][name][k] for k in ("config", "size", "wwn", "control")}
     assert restored["targets"].keys() == expected["targets"].keys()
+    # With no handler listening at boot the kernel refused b.img's write cache; the first
+    # apply with the handler running (gatewayd's, at start) switches it on.
+    assert "write cache left off until the user:evlu handler runs" in booted
+    rc, out = lio(vm, "apply")
+    assert "write_cache False -> True" in out and out.count("update backstore") == 1, out
     assert lio(vm, "apply")[1].strip() == "LIO matches the configuration: nothing to do"
     wait_ready(vm, T1, 0, H1, "host1", SECRETS["h1"], ("gateway", SECRETS["gw"]))
     sh(vm, "targetcli /iscsi delete iqn.2003-01.org.example:admin >/dev/null; "
