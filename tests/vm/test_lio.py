@@ -267,7 +267,13 @@ def test_boot_restores_lio_and_keeps_secrets_out_of_sight(gateway: Appliance) ->
     expected = ours(dump(vm))
     # shutdown clears LIO (targetctl clear); boot: rtslib's file minus ours, then lio.toml,
     # then the handler starts (as at boot: it attaches to the devices that exist)
-    booted = sh(vm, f"systemctl stop evlu-lio-tcmu; targetctl clear; evlu lio boot 2>&1; {HANDLER}")
+    booted = sh(vm, f"""
+        systemctl stop evlu-lio-tcmu; targetctl clear; evlu lio boot 2>&1
+        since=$(date +%s); {HANDLER}
+        for i in $(seq 120); do
+            journalctl -u evlu-lio-tcmu --since @$since | grep -q "serving user:evlu" && break
+            sleep 1
+        done""", timeout=400)
     after = dump(vm)
     assert any(t["wwn"] == "iqn.2003-01.org.example:admin" for t in after["targets"])
     restored = ours(after)
