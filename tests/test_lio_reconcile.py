@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,15 @@ from gateway.lio.reconcile import ApplyError, Backing, PlanError, Reconciler, de
 from gateway.lio.state import Auth, Change, Ownership, State
 
 MIB = 1 << 20
+
+
+# Attributes a new TPG or ACL has in LIO that the reconciler may set later: an update's
+# undo restores them (RtsLio observes every attribute).
+_LIO_DEFAULTS: dict[type, dict[str, str]] = {
+    st.Tpg: {"authentication": "1", "cache_dynamic_acls": "0", "demo_mode_write_protect": "1",
+             "generate_node_acls": "0"},
+    st.Acl: {"dataout_timeout": "3"},
+}
 
 
 class MemoryLio:
@@ -48,6 +58,11 @@ class MemoryLio:
             raise OSError(22, f"Invalid argument (step {n})")
         if change.action == "create":
             assert change.obj.key not in self.state, f"exists: {change.obj.key}"
+            defaults = _LIO_DEFAULTS.get(type(change.obj))
+            if defaults:  # LIO shows every attribute of a new node, set or not
+                attributes = defaults | dict(change.obj.attributes)  # type: ignore[attr-defined]
+                change = Change("create", replace(change.obj, attributes=tuple(
+                    sorted(attributes.items()))))
         else:
             assert change.obj.key in self.state, f"missing: {change.obj.key}"
         if change.action == "delete":   # what LIO removes with the object
@@ -284,6 +299,25 @@ def test_failed_apply_rolls_back_to_the_previous_state(tmp_path: Path) -> None:
     assert str(error).startswith(f"step 4 of {len(plan)} failed: {plan[3]}: [Errno 22]")
     assert "rolled back: LIO is as it was before this apply" in str(error)
     assert rec.owned.load().targets == {IQN}
+
+
+def test_rollback_restores_an_attribute_the_update_set_for_the_first_time(
+        tmp_path: Path) -> None:
+    """Demo mode adds cache_dynamic_acls, which the first apply never set: undoing the
+    TPG update puts back the value LIO showed (hypothesis found the case)."""
+    lio = MemoryLio()
+    rec = reconciler(lio, tmp_path)
+    plain_tpg = f'[[targets]]\niqn = "{IQN}"\n[[targets.tpgs]]\n'
+    rec.apply(config_of(plain_tpg))
+    before = lio.observe()
+    demo = config_of(plain_tpg + 'generate_node_acls = true\n'
+                                 'luns = [{ lun = 0, path = "/srv/a.img" }]\n')
+    plan = rec.plan(demo)
+    assert [c.action for c in plan if c.obj.kind == "tpg"] == ["update"]
+    lio.fail_at = len(lio.executed) + len(plan)  # the last step fails
+    with pytest.raises(ApplyError):
+        rec.apply(demo)
+    assert lio.observe() == before
 
 
 def test_failed_rollback_says_exactly_what_is_left(tmp_path: Path) -> None:
