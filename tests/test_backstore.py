@@ -348,6 +348,34 @@ def test_write_zeroes_punches_a_hole(tmp_path: Path) -> None:
     assert os.stat(path).st_size == 4 * MiB
 
 
+def test_allocation_reports_the_files_holes(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(4 * MiB)
+    with open_backstore(str(path)) as store:
+        assert store.allocation(0, 4 * MiB) == (False, 4 * MiB)
+        store.pwrite(pattern(64 * KiB), MiB)
+        assert store.allocation(0, 4 * MiB) == (False, MiB)
+        assert store.allocation(512, 1000) == (False, 1000)  # never past the range asked
+        assert store.allocation(MiB, 3 * MiB) == (True, 64 * KiB)
+        assert store.allocation(MiB + 4 * KiB, 512) == (True, 512)
+        assert store.allocation(MiB + 64 * KiB, 3 * MiB - 64 * KiB) == (False, 3 * MiB - 64 * KiB)
+        store.write_zeroes(MiB, 32 * KiB)  # punched: a hole again
+        assert store.allocation(MiB, 3 * MiB) == (False, 32 * KiB)
+        with pytest.raises(ShortDeviceError):
+            store.allocation(4 * MiB, 512)
+        with pytest.raises(ValueError):
+            store.allocation(0, 0)
+    with open_backstore(str(path)) as again:  # nothing cached: the file says
+        assert again.allocation(MiB + 32 * KiB, MiB) == (True, 32 * KiB)
+
+
+def test_a_store_that_cannot_tell_reports_all_allocated() -> None:
+    store = MemoryBackstore(MiB)
+    assert store.allocation(0, MiB) == (True, MiB)
+    assert store.allocation(MiB - 512, 512) == (True, 512)
+
+
 def test_without_punch_hole_write_zeroes_writes_and_discard_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 from keysources import SyncSource
 
 from gateway import format as fmt
-from gateway.backstore import BackstoreIOError, MemoryBackstore
+from gateway.backstore import BackstoreIOError, MemoryBackstore, open_backstore
 from gateway.scsi import REGISTRY, BytesTransfer, Identity, Limits, LogicalUnit, Result
 from gateway.scsi.device import naa_from_serial
 from gateway.volume import State, Volume
@@ -840,3 +840,50 @@ def test_plain_to_encrypted_posts_inquiry_data_changed(kek):
         seen.append((result.sense[12], result.sense[13]))
     assert seen == [(0x2A, 0x09), (0x3F, 0x03), (0x28, 0x00)]
     assert good(lu, inquiry(1, 0xB2))[5] == 0xE4
+
+
+# -- GET LBA STATUS ------------------------------------------------------------------
+
+def lba_status(lba: int, alloc: int = 4096) -> bytes:
+    return struct.pack(">BBQIBB", 0x9E, 0x12, lba, alloc, 0, 0)
+
+
+def extents(data: bytes) -> list[tuple[int, int, int]]:
+    """(LBA, blocks, provisioning status) of each descriptor; checks the length field."""
+    assert int.from_bytes(data[:4], "big") == len(data) - 4 and (len(data) - 8) % 16 == 0
+    return [struct.unpack_from(">QIB", data, off) for off in range(8, len(data), 16)]
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_get_lba_status_reports_the_backing_files_holes(tmp_path, kek, encrypted):
+    path = tmp_path / "lun.img"
+    with open(path, "wb") as f:
+        f.truncate(fmt.MIN_DATA_OFFSET + 8 * 1024 * 1024)
+    store = open_backstore(str(path))
+    if encrypted:
+        fmt.create(store, kek, fmt.Binding("k1", "default"), data_offset=fmt.MIN_DATA_OFFSET)
+        volume = Volume.open(store, key_source=SyncSource({"k1": kek}, refuse_unknown=False))
+    else:
+        volume = Volume.open(store, allow_plain=True)
+    end = volume.num_blocks
+    lu = LogicalUnit(volume, Identity(serial="s"), Limits())
+    try:
+        assert extents(good(lu, lba_status(0))) == [(0, end, 1)]  # all a hole: deallocated
+        good(lu, cdb10(0x2A, 2048, 16), pattern(16))
+        good(lu, cdb10(0x2A, 4096, 8), pattern(8))
+        assert extents(good(lu, lba_status(0))) == [
+            (0, 2048, 1), (2048, 16, 0), (2064, 2032, 1), (4096, 8, 0), (4104, end - 4104, 1)]
+        assert extents(good(lu, lba_status(2050)))[0] == (2050, 14, 0)  # starts where asked
+        params = unmap_params((2048, 8))
+        good(lu, unmap_cdb(len(params)), params)  # a hole again, read as zeroes
+        assert extents(good(lu, lba_status(2048)))[:2] == [(2048, 8, 1), (2056, 8, 0)]
+        assert good(lu, cdb10(0x28, 2048, 8), length=4096) == bytes(4096)
+        # the allocation length cuts the data, not the parameter data length
+        short = good(lu, lba_status(0, alloc=24), length=24)
+        assert len(short) == 24 and int.from_bytes(short[:4], "big") == 4 + 16
+        check(run(lu, lba_status(end))[0], ILLEGAL, 0x21)
+        assert (0x9E, 0x12) in {(c.opcode, c.service_action) for c in REGISTRY}
+        off = LogicalUnit(volume, Identity(serial="s"), Limits(unmap_supported=False))
+        check(run(off, lba_status(0))[0], ILLEGAL, 0x20)
+    finally:
+        volume.close()

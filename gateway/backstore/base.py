@@ -167,6 +167,18 @@ class Backstore(abc.ABC):
         self._check_open()
         self._flush()
 
+    def allocation(self, offset: int, length: int) -> tuple[bool, int]:
+        """(allocated, n): the first ``n`` bytes (1..``length``) of the range share one
+        state; allocated when the store cannot tell (it holds no holes it knows of)."""
+        self._check_open()
+        self._check_range("query", offset, length)
+        if length <= 0:
+            raise ValueError("allocation() needs a non-empty range")
+        return self._allocation(offset, length)
+
+    def _allocation(self, offset: int, length: int) -> tuple[bool, int]:
+        return True, length
+
     def discard(self, offset: int, length: int) -> None:
         """Hint that the range is unused; afterwards it may read as zeroes or as old data."""
         self._check_writable("discard on")

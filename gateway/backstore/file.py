@@ -232,6 +232,24 @@ class FileBackstore(FdBackstore):
     def _discard(self, offset: int, length: int) -> None:
         self._punch(offset, length)
 
+    def _allocation(self, offset: int, length: int) -> tuple[bool, int]:
+        """Holes by SEEK_DATA/SEEK_HOLE (a filesystem without them reports all data)."""
+        try:
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from offset to the end of the file
+                return False, length
+            if exc.errno in UNSUPPORTED:
+                return True, length
+            raise self._error(exc, f"look for data at offset {offset} in") from exc
+        if data > offset:
+            return False, min(data - offset, length)
+        try:
+            hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
+        except OSError as exc:
+            raise self._error(exc, f"look for a hole at offset {offset} in") from exc
+        return True, min(max(hole - offset, 1), length)
+
     def _write_zeroes(self, offset: int, length: int) -> None:
         if not self._punch(offset, length):
             self._write_zero_bytes(offset, length)

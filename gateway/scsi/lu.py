@@ -178,6 +178,13 @@ class LogicalUnit:
             log.error("unmap at LBA %d failed: %s", lba, exc)
             raise CheckCondition(WRITE_ERROR) from exc
 
+    def provisioning_status(self, lba: int, count: int) -> tuple[bool, int]:
+        try:
+            return self.backend.provisioning_status(lba, count)
+        except VolumeIOError as exc:
+            log.error("provisioning status at LBA %d failed: %s", lba, exc)
+            raise CheckCondition(READ_ERROR) from exc
+
     def flush(self) -> None:
         try:
             self.backend.flush()

@@ -1,10 +1,12 @@
-"""READ CAPACITY, UNMAP and WRITE SAME (SBC-3 logical block provisioning).
+"""READ CAPACITY, GET LBA STATUS, UNMAP and WRITE SAME (SBC-3 logical block provisioning).
 
 UNMAP deallocates (an encrypted volume then reads the blocks as zeroes).
 WRITE SAME with the UNMAP bit deallocates only when the block to write is
 zeroes and unmapped blocks read back as zeroes (LBPRZ: always on an
 encrypted volume, see :attr:`Limits.plain_unmap_reads_zeroes` for a plain
 one), so a read always returns what was written; otherwise it writes.  WRITE SAME of 0 blocks is refused (WSNZ=1 in VPD B0).
+GET LBA STATUS reports holes of the backing file as deallocated, everything
+else (a block device, a partly allocated block) as mapped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 
 _CAPACITY16 = struct.Struct(">QIBBH16x")  # last LBA, block length, protection, exponents, LBPME/LBPRZ
 _UNMAP_DESCRIPTOR = struct.Struct(">QI4x")
+_LBA_STATUS = struct.Struct(">QIB3x")  # LBA, blocks, provisioning status (0 mapped, 1 deallocated)
+_MAX_LBA_STATUS_DESCRIPTORS = 64  # each costs a seek or two in the backing file
 
 
 def unmap_supported(lu: LogicalUnit) -> bool:
@@ -48,6 +52,26 @@ def read_capacity16(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
         provisioning = 0x8000 | (0x4000 if lu.lbprz else 0)  # LBPME, LBPRZ
     data = _CAPACITY16.pack(max(backend.num_blocks - 1, 0), backend.block_size, 0, 0, provisioning)
     return send(xfer, data, int.from_bytes(cdb[10:14], "big"))
+
+
+@command(0x9E, "GET LBA STATUS", 0x1F, *FIELD8, *FIELD4, 0x00, CONTROL, service_action=0x12,
+         available=unmap_supported)
+def get_lba_status(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
+    """Extents from the starting LBA on, each all mapped or all deallocated."""
+    lba = int.from_bytes(cdb[2:10], "big")
+    allocation_length = int.from_bytes(cdb[10:14], "big")
+    lu.check_ready()
+    lu.check_range(lba, 1)
+    end = lu.backend.num_blocks
+    wanted = min(_MAX_LBA_STATUS_DESCRIPTORS, max(1, (allocation_length - 8) // 16))
+    descriptors = []
+    while lba < end and len(descriptors) < wanted:
+        mapped, count = lu.provisioning_status(lba, min(end - lba, 0xFFFFFFFF))
+        descriptors.append(_LBA_STATUS.pack(lba, count, 0 if mapped else 1))
+        lba += count
+    body = b"".join(descriptors)
+    data = struct.pack(">I4x", 4 + len(body)) + body
+    return send(xfer, data, allocation_length)
 
 
 @command(0x42, "UNMAP", 0x01, 0x00, 0x00, 0x00, 0x00, 0x1F, 0xFF, 0xFF, CONTROL,

@@ -470,6 +470,18 @@ class Volume:
         with self._io(0, 0):
             self.backstore.flush()
 
+    def provisioning_status(self, lba: int, nblocks: int) -> tuple[bool, int]:
+        """(mapped, n): the first ``n`` blocks (1..``nblocks``) from ``lba`` are all
+        mapped, or all deallocated (a hole in the backing file, read as zeroes)."""
+        with self._io(lba, nblocks) as (_cipher, offset):
+            size = self._block_size
+            allocated, length = self.backstore.allocation(offset, nblocks * size)
+            if allocated:
+                return True, -(-length // size)  # a block partly allocated is mapped
+            if length < size:
+                return True, 1
+            return False, length // size
+
     def unmap(self, lba: int, nblocks: int) -> None:
         """Deallocate blocks; on an encrypted volume they read back as zeroes."""
         with self._io(lba, nblocks) as (cipher, offset):
