@@ -11,7 +11,7 @@ from pathlib import Path
 SUITES = ("SCSI.Inquiry", "SCSI.TestUnitReady", "SCSI.ReadCapacity10", "SCSI.ReadCapacity16",
           "SCSI.ModeSense6", "SCSI.Read6", "SCSI.Read10", "SCSI.Read16", "SCSI.Write10",
           "SCSI.Write16", "SCSI.WriteSame10", "SCSI.WriteSame16", "SCSI.Unmap",
-          "SCSI.Verify10", "SCSI.CompareAndWrite")
+          "SCSI.Verify10", "SCSI.CompareAndWrite", "SCSI.GetLBAStatus")
 
 
 @dataclass
