@@ -12,10 +12,11 @@ read and write at queue depth 8; on encrypted volumes with 512-byte sectors
 and with 4096-byte ones ("4Kn": the LUN's blocks are 4 KiB too), and on a
 plain volume.  Besides the rate, each row gives the rate per core of the
 handler (commands over the CPU time this process spent: the simulated
-kernel's own work is not in it) and, where the project sets one, the target.  Each figure is the best of
-several rounds in which the handler and the loop take turns, so that the
-machine's drift (other jobs on a shared box) hits both alike.  Run from the
-repository root: ``python bench/tcmu.py [--seconds S] [--rounds R] [--workers N]``.
+kernel's own work is not in it) and, where the project sets one, the
+target.  Each figure is the best of several rounds in which the handler and
+the loop take turns, so that the machine's drift (other jobs on a shared
+box) hits both alike.  Run from the repository root:
+``python bench/tcmu.py [--seconds S] [--rounds R] [--workers N] [--only TEXT]``.
 """
 
 from __future__ import annotations
@@ -190,11 +191,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="evlu-bench-tcmu-") as tmp:
         rows = []
         for kind, encrypted, sector_size in VOLUMES:
-            kind += " "
-            chosen = [w for w in workloads if args.only in kind + w[0]]
+            chosen = [w for w in workloads if args.only in f"{kind} {w[0]}"]
             if not chosen:
                 continue
-            path = os.path.join(tmp, f"{kind.strip()}.img")
+            path = os.path.join(tmp, f"{kind}.img")
             with open(path, "wb") as f:
                 f.truncate(fmt.DEFAULT_DATA_OFFSET + SPAN)
             dev = open_backstore(path)
@@ -222,7 +222,7 @@ def main() -> int:
                                                  args.workers)
                     ours, per_core = max(ours, rate), max(per_core, core_rate)
                     base = max(base, loop_run(path, cipher, offset, write, size, randomly, turn))
-                rows.append((kind + name, size, ours, per_core, base))
+                rows.append((f"{kind} {name}", size, ours, per_core, base))
             volume.close()
     print(f"TCMU handler on the simulated kernel vs a plain loop over the same file "
           f"(best of {args.rounds} turns of {args.seconds / args.rounds:g} s, {args.workers} "
