@@ -464,11 +464,10 @@ class _Parser:
             if same[1].path != lun.path:
                 self.problems.add(where, f"backstore {lun.backstore_name!r} is also {same[0]} "
                                          f"over another path ({same[1].path})")
-            elif (same[1].block_size, same[1].kms, same[1].plain, same[1].serial,
-                  same[1].write_cache) != \
-                    (lun.block_size, lun.kms, lun.plain, lun.serial, lun.write_cache):
-                self.problems.add(where, f"same backstore as {same[0]}, but its block_size, kms, "
-                                         f"plain, serial or write_cache differ")
+            elif _backstore_settings(same[1]) != _backstore_settings(lun):
+                self.problems.add(where, f"same backstore as {same[0]}, but its "
+                                         f"{', '.join(_BACKSTORE_SETTINGS[:-1])} or "
+                                         f"{_BACKSTORE_SETTINGS[-1]} differ")
             first = by_path.setdefault(lun.path, (where, lun))
             if first[1].backstore_name != lun.backstore_name:
                 self.problems.add(where, f"{lun.path} is also {first[0]} under backstore "
@@ -621,6 +620,14 @@ def to_doc(config: LioConfig) -> dict[str, Any]:
         targets.append({"iqn": target.iqn, "tpgs": tpgs})
     doc["targets"] = targets
     return doc
+
+
+#: the Lun fields that describe its backstore: LUNs sharing one must agree on them
+_BACKSTORE_SETTINGS = ("block_size", "kms", "plain", "serial", "write_cache")
+
+
+def _backstore_settings(lun: Lun) -> tuple[Any, ...]:
+    return tuple(getattr(lun, name) for name in _BACKSTORE_SETTINGS)
 
 
 def _lun_doc(lun: Lun) -> dict[str, Any]:
