@@ -29,8 +29,16 @@ DIR = "/var/lib/evlu-lio"
 ETC = f"{DIR}/etc"
 ENV = (f"set -e; . /etc/default/evlu-gateway; export PATH PYTHONPATH PYTHONDONTWRITEBYTECODE; "
        f"export EVLU_CONFIG_DIR={ETC}; ")
-HANDLER = ("systemd-run --unit=evlu-lio-tcmu -p EnvironmentFile=/etc/default/evlu-gateway "
-           f"-E EVLU_CONFIG_DIR={ETC} /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus off")
+# start the handler, and wait until it listens (this start's line, not an earlier one's)
+HANDLER = f"""
+    since=$(date +%s)
+    systemd-run --unit=evlu-lio-tcmu -p EnvironmentFile=/etc/default/evlu-gateway \\
+        -E EVLU_CONFIG_DIR={ETC} /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus off
+    for i in $(seq 120); do
+        journalctl -u evlu-lio-tcmu --since @$since | grep -q "serving user:evlu" && break
+        sleep 1
+    done
+"""
 T1, T2 = "iqn.2003-01.org.example.evlu:t1", "iqn.2003-01.org.example.evlu:t2"
 H1, H2 = "iqn.2024-01.org.example:host1", "iqn.2024-01.org.example:host2"
 SECRETS = {"h1": "LioTestHost1Secret", "gw": "LioTestMutualSecret", "h2": "LioTestHost2Secret",
@@ -146,9 +154,6 @@ def gateway(appliance: Appliance, guest_kms: str) -> Iterator[Appliance]:
         evlu format {DIR}/b.img --kms -q --yes --no-wipe --sector-size 4096 >/dev/null
         evlu format {DIR}/c.img --kms -q --yes --no-wipe >/dev/null
         {HANDLER}
-        for i in $(seq 120); do
-            journalctl -u evlu-lio-tcmu | grep -q "serving user:evlu" && break; sleep 1
-        done
     """, timeout=400)
     put(appliance, f"{ETC}/chap.toml", CHAP, "600")
     REPORT.append(f"lio: 3 eVLUs and the handler ready in {time.monotonic() - start:.0f} s")
@@ -269,11 +274,7 @@ def test_boot_restores_lio_and_keeps_secrets_out_of_sight(gateway: Appliance) ->
     # then the handler starts (as at boot: it attaches to the devices that exist)
     booted = sh(vm, f"""
         systemctl stop evlu-lio-tcmu; targetctl clear; evlu lio boot 2>&1
-        since=$(date +%s); {HANDLER}
-        for i in $(seq 120); do
-            journalctl -u evlu-lio-tcmu --since @$since | grep -q "serving user:evlu" && break
-            sleep 1
-        done""", timeout=400)
+        {HANDLER}""", timeout=400)
     after = dump(vm)
     assert any(t["wwn"] == "iqn.2003-01.org.example:admin" for t in after["targets"])
     restored = ours(after)
