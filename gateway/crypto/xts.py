@@ -82,6 +82,8 @@ class SectorCipher:
         self._iv_step = sector_size // 512
         self._iv_tweak = iv_tweak
         self._batch_bytes = _BATCH_BYTES[sector_size]
+        # The buffer sizes that take the short numpy route: [low, high), or none.
+        self._short_sizes = (_SMALL_BYTES, self._batch_bytes) if sector_size == 512 else (0, 0)
         # Whether a lone sector takes one cryptography call (the common 4 KiB I/O).
         self._one_call = sector_size < self._batch_bytes and not self._short(sector_size)
         self._xts = algorithms.AES(self._key)
@@ -125,7 +127,8 @@ class SectorCipher:
 
     def _short(self, size: int) -> bool:
         """Whether a buffer of ``size`` bytes takes the short numpy route."""
-        return self.sector_size == 512 and _SMALL_BYTES <= size < self._batch_bytes
+        low, high = self._short_sizes
+        return low <= size < high
 
     def _crypt(self, data: Any, sector: int, encrypt: bool) -> bytes:
         src, iv = self._check(data, sector)
@@ -335,13 +338,14 @@ _THREAD = threading.local()
 # The short route, for a few 512-byte sectors of 32 blocks each: with the sector's
 # tweak base V = (lo, hi), block b's tweak V * alpha**b (b < 32, see above) is
 #   (lo << b ^ r(hi >> 64-b), hi << b ^ lo >> 64-b),
-# the xor of five terms per half, all built by two broadcast shifts and summed by
-# one reduction (numpy shifts by 64 or more give 0: that covers b = 0 and the
-# terms a half does not have).  Its fixed cost is numpy's per-call overhead, so
-# each thread keeps the views for each sector count it has seen.
+# the xor of five terms in the low half and two in the high half (whose other three
+# terms stay zero in the scratch), built by three broadcast shifts and summed by one
+# reduction (numpy shifts by 64 give 0: that covers b = 0).  Its fixed cost is
+# numpy's per-call overhead, so each thread keeps the views for each sector count
+# it has seen.
 _B = np.arange(32, dtype=_U64)
 _CUT = _U64(64) - _B
-_R_SHIFTS = np.array([[0, 0], [1, 64], [2, 64], [7, 64]], _U64).reshape(4, 1, 2, 1)
+_R_SHIFTS = np.array([1, 2, 7], _U64).reshape(3, 1, 1)
 
 
 class _Short:
@@ -355,8 +359,9 @@ class _Short:
         self.encrypted_iv = encrypted_iv[:n * 16 + 16]  # the AES output needs 16 bytes of slack
         base = encrypted_iv[:n * 16].view(_U64).reshape(n, 2, 1)  # (lo, hi) of each sector
         self.base, self.swapped = base, base[:, ::-1]
-        self.terms = terms[:, :n]
-        self.cuts, self.r_terms, self.shifted = self.terms[1], self.terms[1:], self.terms[0]
+        self.terms = terms[:, :n]  # rows: V << b, the cuts, the cut of hi << 1, 2, 7
+        self.shifted, self.cuts = self.terms[0], self.terms[1]
+        self.cut_hi, self.r_terms = self.terms[1, :, 0], self.terms[2:, :, 0]  # low halves only
         self.tweaks = tweaks[:n]
         self.tweak_halves = self.tweaks.transpose(0, 2, 1)
         self.work, self.work_in = work[:n * 512 + 16], work[:n * 512]
@@ -372,7 +377,7 @@ def _short_views(n: int) -> _Short:
         if arrays is None or len(arrays[0]) < capacity:
             arrays = _THREAD.short_arrays = (
                 np.zeros((capacity, 2), _U64), np.empty(capacity * 16 + 16, np.uint8),
-                np.empty((5, capacity, 2, 32), _U64), np.empty((capacity, 32, 2), _U64),
+                np.zeros((5, capacity, 2, 32), _U64), np.empty((capacity, 32, 2), _U64),
                 np.empty(capacity * 512 + 16, np.uint8))
             shorts = _THREAD.shorts = {}
         shorts[n] = _Short(arrays, n)
@@ -385,7 +390,7 @@ def _small(buf: Any, n: int, first_iv: int, tweak_aes: Callable, aes: Callable) 
     np.add(short.steps, _U64(first_iv), out=short.iv_low)  # wraps at 2**64, as plain64
     tweak_aes(short.iv_bytes, short.encrypted_iv)
     np.right_shift(short.swapped, _CUT, out=short.cuts)  # hi >> 64-b, lo >> 64-b
-    np.left_shift(short.cuts, _R_SHIFTS, out=short.r_terms)  # in place: row 0 shifts by 0
+    np.left_shift(short.cut_hi, _R_SHIFTS, out=short.r_terms)
     np.left_shift(short.base, _B, out=short.shifted)  # lo << b, hi << b
     np.bitwise_xor.reduce(short.terms, axis=0, out=short.tweak_halves)
     blocks = np.frombuffer(buf, _U64).reshape(n, 32, 2)
