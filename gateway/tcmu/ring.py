@@ -8,7 +8,8 @@ written by us), the command ring at ``cmdr_off``, the data area after it.
 Each entry starts with ``len_op`` (u32: length | op), ``cmd_id`` (u16),
 ``kflags`` and ``uflags`` (u8).  A CMD request holds iov_cnt @8, cdb_off @24
 (from the start of the mapping) and 16-byte iovecs (offset, length) from @48;
-its response reuses the slot: scsi_status @8, read_len @12, sense[96] @16.
+its response reuses the slot: scsi_status @8, read_len @12, sense[96] @16 (read
+only with CHECK CONDITION).
 The kernel pads to the ring's end rather than wrap an entry, and reads
 completions from its last position to ``cmd_tail``, skipping PAD and TMR
 entries and looking each CMD slot's ``cmd_id`` up.  With out-of-order
@@ -55,7 +56,7 @@ _IOV = struct.Struct("<QQ")
 _REQ = struct.Struct("<III4xQ")  # iov_cnt, iov_bidi_cnt, iov_dif_cnt, pad, cdb_off
 _RSP = struct.Struct("<BxxxI")  # scsi_status, pads, read_len
 _HDR = struct.Struct("<IH")  # len_op, cmd_id
-_NO_SENSE = bytes(SENSE_SIZE)
+CHECK_CONDITION = 0x02
 
 
 class RingError(Exception):
@@ -196,9 +197,10 @@ class Ring:
             raise RingError(f"CMD entry at {offset}: {count} iovecs do not fit {length} bytes")
         problems = []
         iovecs = []
+        ring, data_start, data_end = self.ring, self.data_start, self.data_end
         for i in range(iov_cnt):  # bidi and DIF iovecs follow; we use neither
-            base, iov_len = _IOV.unpack_from(self.ring, offset + IOV_OFFSET + IOV_SIZE * i)
-            if not (self.data_start <= base and base + iov_len <= self.data_end):
+            base, iov_len = _IOV.unpack_from(ring, offset + IOV_OFFSET + IOV_SIZE * i)
+            if not (data_start <= base and base + iov_len <= data_end):
                 problems.append(f"iovec {i} ({base}+{iov_len}) outside the data area")
             elif iov_len:
                 iovecs.append(Iovec(base, iov_len))
@@ -207,7 +209,12 @@ class Ring:
         if not ring_lo <= cdb_off < ring_hi:
             problems.append(f"CDB offset {cdb_off} outside the ring")
         else:
-            cdb_len = min(scsi_cdb_length(self.mem[cdb_off:min(cdb_off + 8, ring_hi)]), MAX_CDB)
+            opcode = self.mem[cdb_off]
+            if opcode == 0x7F:  # variable length: its length byte may lie beyond the ring
+                cdb_len = min(scsi_cdb_length(self.mem[cdb_off:min(cdb_off + 8, ring_hi)]),
+                              MAX_CDB)
+            else:
+                cdb_len = _COMMAND_SIZE[opcode >> 5]
             cdb = self.mem[cdb_off:min(cdb_off + cdb_len, ring_hi)].tobytes()
         if bidi_cnt or dif_cnt:
             problems.append("bidirectional or DIF iovecs are not supported")
@@ -252,11 +259,9 @@ class Ring:
                     length_out = read_len
                 ring[tail + 7] = uflags
                 _RSP.pack_into(ring, tail + HDR_SIZE, status & 0xFF, length_out)
-                if sense:
+                if status == CHECK_CONDITION:  # the only status whose sense the kernel reads
                     sense = bytes(sense[:SENSE_SIZE])
                     ring[tail + 16:tail + 16 + SENSE_SIZE] = sense + bytes(SENSE_SIZE - len(sense))
-                else:
-                    ring[tail + 16:tail + 16 + SENSE_SIZE] = _NO_SENSE
                 tail = done = (tail + length) % size
         finally:  # what was written before an error is complete
             self._set_tail(done)

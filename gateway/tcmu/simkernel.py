@@ -238,7 +238,8 @@ class SimKernel:
             if cmd is None:
                 raise RingBroken(f"cmd_id {cmd_id} not found, ring is broken")
             status, read_len = struct.unpack_from("<BxxxI", self.mem, entry + 8)
-            sense = bytes(self.mem[entry + 16:entry + 16 + r.SENSE_SIZE])
+            # the kernel reads the sense buffer of a CHECK CONDITION only
+            sense = bytes(self.mem[entry + 16:entry + 16 + r.SENSE_SIZE]) if status == r.CHECK_CONDITION else b""
             valid_len: int | None = None
             if uflags & r.UFLAG_READ_LEN and cmd.data_in_len:  # only data-in commands use it
                 valid_len = min(read_len, cmd.data_in_len)  # the kernel caps it, too
