@@ -5,10 +5,12 @@ the embedded KMS and formats an eVLU through it, starts tcmu-runner and our
 handler side by side (``evlu tcmu serve --dbus beside-runner``, which leaves
 tcmu-runner's netlink reply mode alone; ours are created with
 ``nl_reply_supported=-1``, so that mode does not touch them),
-and exports three LUNs of the same size behind one target (see
+and exports four LUNs of the same size behind one target (see
 bench/guest/tcmu_luns.py): ``user:evlu`` (encrypted, key from the KMS),
-``user:qcow`` (tcmu-runner 1.5.4's qcow handler serving a raw file) and LIO
-``fileio``.
+``user:qcow`` (tcmu-runner 1.5.4's qcow handler serving a raw file), LIO
+``fileio``, and ``user:evlu plain`` (our handler without XTS: under TCG the
+guest's AES instructions are emulated, and XTS of 4 KiB alone takes about half
+a millisecond, so this LUN shows what the handler itself costs).
 
 The initiator is open-iscsi in the same guest over loopback (the host's
 forwarded port goes through QEMU's user-mode network, which caps throughput
@@ -17,7 +19,8 @@ with O_DIRECT by bench/guest/aio_bench.py (Linux AIO, one thread, QD requests in
 flight).  Every LUN is first written end to end (untimed), then measured one
 after the other: 1 MiB sequential write and read at QD 4, 4 KiB random write
 and read at QD 16, SECONDS each.  The backing files sit in the guest's page
-cache, so what differs is the path through each backstore.  Under TCG absolute
+cache and every LUN caches writes (WCE=1, checked at the initiator), so what
+differs is the path through each backstore.  Under TCG absolute
 figures mean little: read the ratios.  ``make bench-appliance`` runs it.
 """
 
@@ -42,7 +45,7 @@ from appliance.vm import GUEST_PORTS, Appliance, choose_accel  # noqa: E402
 GUEST = Path(__file__).resolve().parent / "guest"
 ENV = "set -e; . /etc/default/evlu-gateway; export PATH PYTHONPATH PYTHONDONTWRITEBYTECODE; "
 DIR = "/var/lib/evlu/bench"
-KINDS = ("fileio", "user:qcow", "user:evlu")
+KINDS = ("fileio", "user:qcow", "user:evlu", "user:evlu plain")
 #: (name, pattern, block, depth, unit)
 WORKLOADS = (("1 MiB seq write QD4", "seqwrite", 1 << 20, 4, "mb_s"),
              ("1 MiB seq read QD4", "seqread", 1 << 20, 4, "mb_s"),
@@ -65,7 +68,7 @@ def sh(vm: Appliance, script: str, timeout: float = 600) -> str:
 
 
 def set_up(vm: Appliance, size_mib: int, workers: int) -> dict:
-    """KMS, eVLU, tcmu-runner and our handler, the three LUNs, open-iscsi logged in."""
+    """KMS, eVLU, tcmu-runner and our handler, the four LUNs, open-iscsi logged in."""
     sh(vm, f"""
         mkdir -p {DIR}
         evlu kms init >/dev/null && evlu kms enroll appliance >/dev/null
@@ -81,8 +84,12 @@ def set_up(vm: Appliance, size_mib: int, workers: int) -> dict:
         done
     """, timeout=900)
     summary = json.loads(vm.agent.run(
-        ["python3", "-", f"{DIR}/evlu.img", f"{DIR}/qcow.raw", f"{DIR}/fileio.img"],
+        ["python3", "-", f"{DIR}/evlu.img", f"{DIR}/qcow.raw", f"{DIR}/fileio.img",
+         f"{DIR}/plain.img"],
         stdin=(GUEST / "tcmu_luns.py").read_bytes(), timeout=300).stdout)
+    # both of ours, before the initiator reads the caching mode page at login
+    cached = "[ $(journalctl -u evlu-tcmu-bench | grep -c 'write cache on') -ge 2 ]"
+    sh(vm, f"for i in $(seq 60); do {cached} && break; sleep 1; done; {cached}")
     portal = "127.0.0.1:3260"
     sh(vm, f"""
         modprobe iscsi_tcp; mkdir -p /run/lock/iscsi; systemctl start iscsid
@@ -94,6 +101,12 @@ def set_up(vm: Appliance, size_mib: int, workers: int) -> dict:
     for kind, lun in summary["luns"].items():
         link = f"/dev/disk/by-path/ip-{portal}-iscsi-{summary['iqn']}-lun-{lun}"
         disks[kind] = sh(vm, f"readlink -e {link}").strip()
+    # what the initiator found in each LUN's caching mode page: all must be write back
+    summary["cache"] = {kind: sh(vm, f"cat /sys/block/{disk.rsplit('/', 1)[-1]}/device/"
+                                     "scsi_disk/*/cache_type").strip()
+                        for kind, disk in disks.items()}
+    if set(summary["cache"].values()) != {"write back"}:
+        raise SystemExit(f"the LUNs do not all cache writes: {summary['cache']}")
     # The handler looks the key up when the device appears: NOT READY until then.
     sh(vm, f"for i in $(seq 180); do sg_turs {disks['user:evlu']} && break; sleep 1; done; "
            f"sg_turs {disks['user:evlu']}")
@@ -117,16 +130,19 @@ def fill(vm: Appliance, disk: str, size: int) -> float:
 
 def table(results: dict[str, dict[str, list[dict]]]) -> list[str]:
     """Median per workload and LUN, and ours vs the others."""
-    lines = ["| workload | fileio | user:qcow (tcmu-runner) | user:evlu | evlu/fileio | "
-             "evlu/tcmu-runner |", "|---|---|---|---|---|---|"]
+    lines = ["| workload | fileio | user:qcow (tcmu-runner) | user:evlu | user:evlu plain | "
+             "evlu/fileio | evlu/tcmu-runner | evlu plain/tcmu-runner |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, _pattern, _block, _depth, unit in WORKLOADS:
         med = {}
         for kind in KINDS:
             med[kind] = statistics.median(r[unit] for r in results[kind][name])
         label = "MB/s" if unit == "mb_s" else "IOPS"
         lines.append(f"| {name} | {med['fileio']:.0f} {label} | {med['user:qcow']:.0f} | "
-                     f"{med['user:evlu']:.0f} | {med['user:evlu'] / med['fileio']:.2f} | "
-                     f"{med['user:evlu'] / med['user:qcow']:.2f} |")
+                     f"{med['user:evlu']:.0f} | {med['user:evlu plain']:.0f} | "
+                     f"{med['user:evlu'] / med['fileio']:.2f} | "
+                     f"{med['user:evlu'] / med['user:qcow']:.2f} | "
+                     f"{med['user:evlu plain'] / med['user:qcow']:.2f} |")
     return lines
 
 
@@ -165,7 +181,7 @@ def main() -> int:
                     result = measure(vm, summary["disks"][kind], pattern, block, depth,
                                      args.seconds)
                     results[kind][name].append(result)
-                    say(f"  round {round_ + 1} {kind:9} {name:22} {result[unit]:>9} "
+                    say(f"  round {round_ + 1} {kind:15} {name:22} {result[unit]:>9} "
                         f"{'MB/s' if unit == 'mb_s' else 'IOPS'}")
         say("\n".join(["", f"medians of {args.rounds} round(s), {args.seconds:g} s each, "
                            f"{vm.accel}:"] + table(results)))

@@ -1,17 +1,23 @@
-"""Guest side of bench/appliance_tcmu.py: three LUNs of one size behind one iSCSI target.
+"""Guest side of bench/appliance_tcmu.py: four LUNs of one size behind one iSCSI target.
 
-Run in the appliance as ``python3 - EVLU_PATH RAW_PATH FILEIO_PATH`` (sent over the
-agent), with the eVLU formatted and tcmu-runner and ``evlu tcmu serve`` running:
+Run in the appliance as ``python3 - EVLU_PATH RAW_PATH FILEIO_PATH PLAIN_PATH`` (sent
+over the agent), with the eVLU formatted and tcmu-runner and ``evlu tcmu serve``
+running:
 
 * LUN 0 ``user:evlu``: our handler; the eVLU's data segment sets the size;
 * LUN 1 ``user:qcow``: tcmu-runner's qcow handler over RAW_PATH, a raw file of
   that size (the handler serves a file without a qcow header as raw, and only
   if its size equals the device's);
-* LUN 2 ``fileio``: LIO's in-kernel file backstore over FILEIO_PATH (buffered).
+* LUN 2 ``fileio``: LIO's in-kernel file backstore over FILEIO_PATH (buffered);
+* LUN 3 ``user:evlu plain``: our handler over PLAIN_PATH, a file without an eVLU
+  header served unencrypted (``;plain``): the same path as LUN 0 but for XTS.
 
-Both user backstores get ``hw_max_sectors=2048`` (1 MiB commands); ours gets
+The user backstores get ``hw_max_sectors=2048`` (1 MiB commands); ours get
 ``nl_reply_supported=-1``, tcmu-runner's keeps the reply mode tcmu-runner
-asked for.  Prints a JSON summary.
+asked for.  All four cache writes: fileio is created write-back, tcmu-runner's
+qcow handler always reports WCE=1 (and never syncs a write), and ours get
+``emulate_write_cache=1`` (with WCE=0 they would fdatasync every write, as they
+promise).  Prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -39,9 +45,9 @@ def data_size(path: str) -> int:
         dev.close()
 
 
-def create(evlu: str, raw: str, fileio: str) -> dict:
+def create(evlu: str, raw: str, fileio: str, plain: str) -> dict:
     size = data_size(evlu)
-    for path in (raw, fileio):
+    for path in (raw, fileio, plain):
         with open(path, "wb") as f:
             f.truncate(size)
     objects = {
@@ -51,7 +57,14 @@ def create(evlu: str, raw: str, fileio: str) -> dict:
         "user:qcow": UserBackedStorageObject("bench_qcow", config=f"qcow/{raw}", size=size,
                                              hw_max_sectors=HW_MAX_SECTORS),
         "fileio": FileIOStorageObject("bench_fileio", fileio, size=size, write_back=True),
+        "user:evlu plain": UserBackedStorageObject("bench_plain", config=f"evlu/{plain};plain",
+                                                   size=size, hw_max_sectors=HW_MAX_SECTORS,
+                                                   control="nl_reply_supported=-1"),
     }
+    # after enable (rtslib enables a user backstore as it creates it): the running
+    # handler gets the change as a RECONFIG event
+    for kind in ("user:evlu", "user:evlu plain"):
+        objects[kind].set_attribute("emulate_write_cache", "1")
     tpg = TPG(Target(FabricModule("iscsi"), wwn=IQN), 1)
     for attribute, value in (("authentication", "0"), ("generate_node_acls", "1"),
                              ("cache_dynamic_acls", "1"), ("demo_mode_write_protect", "0")):
@@ -63,4 +76,4 @@ def create(evlu: str, raw: str, fileio: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(create(*sys.argv[1:4])))
+    print(json.dumps(create(*sys.argv[1:5])))
