@@ -29,12 +29,14 @@ from gateway.backstore import (
     FileBackstore,
     MemoryBackstore,
     ShortDeviceError,
+    WouldBlock,
     open_backstore,
 )
 from gateway.backstore import block as block_mod
 from gateway.backstore import file as file_mod
 from gateway.backstore.base import error_from_oserror
 from faults import FaultyBackstore
+from pagecache import refused_once_evicted
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -682,6 +684,33 @@ def test_direct_io_on_loop_device(loop_factory: LoopFactory, sector_size: int) -
     with open_backstore(device, direct=True) as store:
         assert store.logical_block_size == sector_size
         _check_direct(store, device)
+
+
+def test_nowait_read_takes_the_page_cache_or_refuses(tmp_path: Path) -> None:
+    """A read asked not to wait returns cached data, and refuses (WouldBlock) data the
+    kernel would have to fetch from the disk: evicted pages, or any O_DIRECT read."""
+    path = tmp_path / "cached.img"
+    data = pattern(4 * MiB, seed=7)
+    path.write_bytes(data)
+    with open_backstore(str(path)) as store:
+        buf = bytearray(64 * 1024)
+        store.preadinto(buf, MiB, nowait=True)  # just written: in the page cache
+        assert buf == data[MiB:MiB + len(buf)]
+        store.flush()
+        refused_once_evicted(path, lambda: store.preadinto(buf, 2 * MiB, nowait=True))
+        store.preadinto(buf, 2 * MiB)  # the waiting read fetches it...
+        assert buf == data[2 * MiB:2 * MiB + len(buf)]
+        store.preadinto(buf, 2 * MiB, nowait=True)  # ...and now it is at hand
+        assert buf == data[2 * MiB:2 * MiB + len(buf)]
+        with pytest.raises(ShortDeviceError):  # range checks come first
+            store.preadinto(buf, 4 * MiB, nowait=True)
+    with open_backstore(str(path), direct=True) as store:
+        with pytest.raises(WouldBlock):
+            store.preadinto(bytearray(4096), 0, nowait=True)
+    memory = MemoryBackstore.from_bytes(data)
+    buf = bytearray(4096)
+    memory.preadinto(buf, 8192, nowait=True)
+    assert buf == data[8192:8192 + 4096]
 
 
 def test_direct_io_from_many_threads(tmp_path: Path) -> None:

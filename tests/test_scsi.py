@@ -8,9 +8,10 @@ import threading
 
 import pytest
 from keysources import SyncSource
+from pagecache import refused_once_evicted
 
 from gateway import format as fmt
-from gateway.backstore import BackstoreIOError, MemoryBackstore, open_backstore
+from gateway.backstore import BackstoreIOError, MemoryBackstore, WouldBlock, open_backstore
 from gateway.scsi import REGISTRY, BytesTransfer, Identity, Limits, LogicalUnit, Result
 from gateway.scsi.device import naa_from_serial
 from gateway.volume import State, Volume
@@ -887,3 +888,29 @@ def test_get_lba_status_reports_the_backing_files_holes(tmp_path, kek, encrypted
         check(run(off, lba_status(0))[0], ILLEGAL, 0x20)
     finally:
         volume.close()
+
+
+def test_nowait_serves_only_reads_whose_data_is_at_hand(tmp_path) -> None:
+    """execute(nowait=True), as the ring thread tries short READs: cached data is read;
+    a READ of evicted pages and a WRITE raise WouldBlock having changed nothing; a
+    pending unit attention is still reported."""
+    path = tmp_path / "plain.img"
+    path.write_bytes(bytes(PLAIN_BLOCKS * 512))
+    volume = Volume.open(open_backstore(str(path)), allow_plain=True)
+    lu = LogicalUnit(volume)
+    data = bytes(range(256)) * 16
+    good(lu, cdb16(0x8A, 8, 8), data)
+    xfer = BytesTransfer(b"", 4096)
+    result = lu.execute(cdb16(0x88, 8, 8), xfer, nowait=True)
+    assert result.status == 0 and xfer.received == data
+    volume.flush()
+    for cdb in (cdb16(0x88, 8, 8), cdb10(0x28, 8, 8)):
+        refused_once_evicted(path, lambda: lu.execute(cdb, BytesTransfer(b"", 4096),
+                                                      nowait=True))
+    with pytest.raises(WouldBlock):
+        lu.execute(cdb16(0x8A, 8, 8), BytesTransfer(bytes(4096)), nowait=True)
+    assert good(lu, cdb16(0x88, 8, 8)) == data  # the write was not run
+    lu.post_unit_attention(0x2A, 0x09)
+    result, _ = (lu.execute(cdb16(0x88, 8, 8), BytesTransfer(b"", 4096), nowait=True), None)
+    check(result, 0x6, 0x2A, 0x09)
+    volume.close()

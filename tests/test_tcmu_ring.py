@@ -19,8 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.backstore import WouldBlock
 from gateway.tcmu import ring as r
-from gateway.tcmu.device import RingDevice
+from gateway.tcmu.device import INLINE_READ_BYTES, RingDevice
 from gateway.tcmu.doorbell import EventfdDoorbell
 from gateway.tcmu.ordering import access
 from gateway.tcmu.simkernel import Completion, RingBroken, RingFull, SimKernel
@@ -37,19 +38,32 @@ class Reply:
 
 
 class DiskLU:
-    """READ(10)/WRITE(10) over a bytearray, with jitter so completions reorder."""
+    """READ(10)/WRITE(10) over a bytearray, with jitter so completions reorder.
 
-    def __init__(self, blocks: int, jitter: float = 0.0, seed: int = 0) -> None:
+    Asked not to wait (a READ the ring thread tries first), it refuses at random
+    (``miss``: how often), as reads of data not in the page cache would."""
+
+    def __init__(self, blocks: int, jitter: float = 0.0, seed: int = 0,
+                 miss: float = 0.5) -> None:
         self.disk = bytearray(blocks * BS)
         self.jitter = jitter
+        self.miss = miss
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.seen: list[bytes] = []
+        self.refused = self.served_without_waiting = 0
+        self.largest_try = 0  # the longest buffer of a command tried without waiting
 
-    def execute(self, cdb: bytes, xfer: IovecTransfer) -> Reply:
+    def execute(self, cdb: bytes, xfer: IovecTransfer, *, nowait: bool = False) -> Reply:
         with self.lock:
+            if nowait:
+                self.largest_try = max(self.largest_try, xfer.length)
+                if self.rng.random() < self.miss:
+                    self.refused += 1
+                    raise WouldBlock
+                self.served_without_waiting += 1
             self.seen.append(cdb)
-            delay = self.rng.random() * self.jitter
+            delay = 0.0 if nowait else self.rng.random() * self.jitter
         if delay:
             time.sleep(delay)
         if len(cdb) == 10 and cdb[0] in (0x28, 0x2A):
@@ -254,6 +268,31 @@ def test_random_mixes_over_random_rings(seed: int, cmdr_kib: int, shuffle: bool,
         assert k.last_cleaned == k.head
     finally:
         k.close()
+
+
+def test_short_reads_run_in_the_ring_thread_unless_they_would_wait() -> None:
+    """With workers, a READ of up to INLINE_READ_BYTES that overlaps no unfinished write
+    is first tried in the ring thread without waiting: served there when its data is at
+    hand, else by a worker (DiskLU refuses half the tries); longer READs, and writes,
+    always go to a worker.  Every result still matches the in-order model."""
+    rnd = random.Random(5)
+    blocks = 600
+    ops = []
+    for _ in range(300):
+        write = rnd.random() < 0.1
+        n = rnd.choice([1, 8] if write else [1, 8, 8, 64, 256, 257, 300])  # 256: INLINE_READ_BYTES
+        ops.append(("w" if write else "r", rnd.randrange(0, blocks - n + 1), n))
+    k = SimKernel(cmdr_size=16 << 10, data_size=2 << 20)
+    lu = DiskLU(blocks, jitter=0.001, seed=5)
+    try:
+        run_mix(k, lu, ops, blocks)
+    finally:
+        k.close()
+    assert lu.served_without_waiting > 20 and lu.refused > 20, (lu.served_without_waiting, lu.refused)
+    assert lu.largest_try == INLINE_READ_BYTES
+    tried = lu.served_without_waiting + lu.refused
+    short_reads = sum(1 for kind, _, n in ops if kind == "r" and n * BS <= INLINE_READ_BYTES)
+    assert tried <= short_reads
 
 
 def test_overlapping_commands_run_in_arrival_order() -> None:

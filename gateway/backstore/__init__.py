@@ -11,6 +11,7 @@ from .base import (
     BackstoreNotFoundError,
     BackstorePermissionError,
     ShortDeviceError,
+    WouldBlock,
     stat_backing,
     wrong_kind_error,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "FileBackstore",
     "MemoryBackstore",
     "ShortDeviceError",
+    "WouldBlock",
     "open_backstore",
 ]
 

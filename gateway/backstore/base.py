@@ -38,6 +38,11 @@ class BackstoreIOError(BackstoreError):
     """EIO, ENOSPC and other failures of the medium (including short writes)."""
 
 
+class WouldBlock(Exception):
+    """A read asked not to wait found its data not at hand (not in the page cache):
+    nothing was changed; run it again where waiting is fine."""
+
+
 # errno -> (error class, what to do about it)
 _ERRNO_ADVICE: dict[int, tuple[type[BackstoreError], str]] = {
     _errno.ENOENT: (BackstoreNotFoundError, "check the path, or create the file first"),
@@ -145,14 +150,20 @@ class Backstore(abc.ABC):
         self._check_range("read", offset, length)
         return self._pread(length, offset) if length else b""
 
-    def preadinto(self, buf: Buffer, offset: int) -> None:
-        """Fill the writable buffer ``buf`` with the bytes at ``offset``."""
+    def preadinto(self, buf: Buffer, offset: int, *, nowait: bool = False) -> None:
+        """Fill the writable buffer ``buf`` with the bytes at ``offset``.
+
+        ``nowait``: raise :class:`WouldBlock` rather than wait for the medium
+        (``buf`` may then hold part of the data)."""
         view = memoryview(buf).cast("B")
         if view.readonly:
             raise TypeError("preadinto() needs a writable buffer")
         self._check_range("read", offset, view.nbytes)
         if view.nbytes:
-            self._preadinto(view, offset)
+            if nowait:
+                self._preadinto_nowait(view, offset)
+            else:
+                self._preadinto(view, offset)
 
     def pwrite(self, data: Buffer, offset: int) -> None:
         """Write all of ``data`` at ``offset``; never extends the backstore."""
@@ -259,6 +270,11 @@ class Backstore(abc.ABC):
     @abc.abstractmethod
     def _preadinto(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` (byte format, non-empty) from a checked range."""
+
+    def _preadinto_nowait(self, view: memoryview, offset: int) -> None:
+        """As :meth:`_preadinto`, or raise :class:`WouldBlock` if that would wait for
+        the medium (this default cannot tell, so it always does)."""
+        raise WouldBlock
 
     @abc.abstractmethod
     def _pwrite(self, view: memoryview, offset: int) -> None:

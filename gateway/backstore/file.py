@@ -16,6 +16,7 @@ from .base import (
     BackstoreError,
     BackstoreIOError,
     ShortDeviceError,
+    WouldBlock,
     error_from_oserror,
     stat_backing,
     wrong_kind_error,
@@ -89,6 +90,7 @@ class FdBackstore(Backstore):
             raise error_from_oserror(exc, path, "open", BackstoreError) from exc
         super().__init__(path, readonly=readonly)
         self.direct = direct
+        self._nowait_reads = True  # until the kernel refuses RWF_NOWAIT for this file
         self._bounce = threading.local()
         try:
             opened = os.fstat(self._fd)
@@ -186,6 +188,20 @@ class FdBackstore(Backstore):
             chunk = min(BOUNCE_SIZE, len(view) - start)
             self._read_fully(bounce[:chunk], offset + start)
             view[start : start + chunk] = bounce[:chunk]
+
+    def _preadinto_nowait(self, view: memoryview, offset: int) -> None:
+        """One ``preadv2(RWF_NOWAIT)``: all of the range from the page cache, or
+        WouldBlock (direct I/O always waits; any error is left to the waiting read)."""
+        if self.direct or not self._nowait_reads:
+            raise WouldBlock
+        try:
+            got = os.preadv(self._fd, [view], offset, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:  # not on this file: stop asking
+                self._nowait_reads = False
+            raise WouldBlock from None
+        if got < len(view):
+            raise WouldBlock  # partly cached
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         if not self.direct:

@@ -43,6 +43,9 @@ class MemoryBackstore(Backstore):
         with memoryview(self._buf) as buf:
             view[:] = buf[offset : offset + len(view)]
 
+    def _preadinto_nowait(self, view: memoryview, offset: int) -> None:
+        self._preadinto(view, offset)  # memory is always at hand
+
     def _pwrite(self, view: memoryview, offset: int) -> None:
         self._buf[offset : offset + len(view)] = view
 

@@ -77,9 +77,9 @@ class Metered:
         self.lu = lu
         self.meter = meter
 
-    def execute(self, cdb: bytes, xfer: IovecTransfer) -> Reply:
+    def execute(self, cdb: bytes, xfer: IovecTransfer, *, nowait: bool = False) -> Reply:
         start = time.perf_counter_ns()
-        reply = self.lu.execute(cdb, xfer)
+        reply = self.lu.execute(cdb, xfer, nowait=nowait)  # WouldBlock: nothing to count
         elapsed = time.perf_counter_ns() - start
         op = _OP_OF[cdb[0]] if cdb else OTHER
         nbytes = 0

@@ -31,6 +31,7 @@ from collections import deque
 from typing import Any
 
 from ..volume import DataProtectError, LbaOutOfRangeError, NotReadyError, State, Transition
+from ..backstore import WouldBlock
 from ..volume import VolumeIOError
 from . import inquiry, modes, opcodes, provisioning, readwrite  # noqa: F401 - register commands
 from .device import Backend, Identity, Limits
@@ -73,8 +74,13 @@ class LogicalUnit:
 
     # -- commands --------------------------------------------------------------
 
-    def execute(self, cdb: bytes, xfer: Transfer) -> Result:
-        """Run one command; never raises (an internal error is HARDWARE ERROR 44/00)."""
+    def execute(self, cdb: bytes, xfer: Transfer, *, nowait: bool = False) -> Result:
+        """Run one command; never raises (an internal error is HARDWARE ERROR 44/00).
+
+        ``nowait``: raise :class:`~gateway.backstore.WouldBlock` rather than wait for
+        the medium, having changed nothing; run it again without.  Only READ can
+        tell: any other command raises it once its checks pass (a pending unit
+        attention or a bad CDB is still answered)."""
         try:
             if not cdb:
                 return INVALID_OPCODE
@@ -90,7 +96,13 @@ class LogicalUnit:
                 return _SHORT_CDB
             if cdb[last] & CONTROL:
                 raise invalid_field(last, 2)  # NACA: no normal ACA
+            if nowait:
+                if not cmd.nowait:
+                    raise WouldBlock
+                return cmd.handler(self, cdb, xfer, True)
             return cmd.handler(self, cdb, xfer)
+        except WouldBlock:
+            raise
         except CheckCondition as exc:
             return exc.result
         except NotReadyError as exc:  # the state changed since the handler checked it
@@ -155,9 +167,9 @@ class LogicalUnit:
         if lba + count > self.backend.num_blocks:
             raise CheckCondition(LBA_OUT_OF_RANGE)
 
-    def readinto(self, lba: int, buf: bytearray | memoryview) -> None:
+    def readinto(self, lba: int, buf: bytearray | memoryview, nowait: bool = False) -> None:
         try:
-            self.backend.readinto(lba, buf)
+            self.backend.readinto(lba, buf, nowait=nowait)
         except VolumeIOError as exc:
             log.error("read of LBA %d failed: %s", lba, exc)
             raise CheckCondition(READ_ERROR) from exc

@@ -42,6 +42,20 @@ def miscompare(offset: int) -> CheckCondition:
     return CheckCondition(check(MISCOMPARE, 0x1D, 0x00, information=offset))
 
 
+_GOOD_IN: dict[int, Result] = {}  # GOOD with n bytes of data-in, for n up to 1 MiB
+
+
+def _good_in(size: int) -> Result:
+    """GOOD with ``size`` bytes of data-in (the usual sizes built once: every READ
+    returns one)."""
+    result = _GOOD_IN.get(size)
+    if result is None:
+        result = Result(GOOD, b"", size)
+        if size <= CHUNK_BYTES:
+            _GOOD_IN[size] = result
+    return result
+
+
 def _check_length(lu: LogicalUnit, count: int, length_at: int) -> None:
     limit = lu.limits.max_transfer_blocks
     if limit and count > limit:
@@ -49,7 +63,7 @@ def _check_length(lu: LogicalUnit, count: int, length_at: int) -> None:
 
 
 def _read(lu: LogicalUnit, xfer: Transfer, flags: int, lba: int, count: int,
-          length_at: int) -> Result:
+          length_at: int, nowait: bool = False) -> Result:
     if flags & 0xE0:
         raise invalid_field(1, 7)  # RDPROTECT: no protection information
     _check_length(lu, count, length_at)
@@ -62,13 +76,13 @@ def _read(lu: LogicalUnit, xfer: Transfer, flags: int, lba: int, count: int,
     if size <= xfer.length:
         view = xfer.in_view(size)
         if view is not None:
-            lu.readinto(lba, view)
-            return Result(GOOD, b"", size)
+            lu.readinto(lba, view, nowait)
+            return _good_in(size)
         buf = bytearray(size)
     else:  # short buffer: fill it, no more
         size = xfer.length
         buf = bytearray(-(-size // block_size) * block_size)
-    lu.readinto(lba, buf)
+    lu.readinto(lba, buf, nowait)
     xfer.data_in(buf)
     return Result(GOOD, b"", size)
 
@@ -94,9 +108,9 @@ def _write(lu: LogicalUnit, xfer: Transfer, flags: int, lba: int, count: int,
     return GOOD_RESULT
 
 
-@command(0x08, "READ(6)", 0x1F, 0xFF, 0xFF, 0xFF, CONTROL)
-def read6(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
-    return _read(lu, xfer, 0, *lba_length6(cdb), 4)
+@command(0x08, "READ(6)", 0x1F, 0xFF, 0xFF, 0xFF, CONTROL, nowait=True)
+def read6(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool = False) -> Result:
+    return _read(lu, xfer, 0, *lba_length6(cdb), 4, nowait)
 
 
 @command(0x0A, "WRITE(6)", 0x1F, 0xFF, 0xFF, 0xFF, CONTROL)
@@ -104,9 +118,9 @@ def write6(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
     return _write(lu, xfer, 0, *lba_length6(cdb), 4)
 
 
-@command(0x28, "READ(10)", *_RW10)
-def read10(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
-    return _read(lu, xfer, *CDB10.unpack_from(cdb), 7)
+@command(0x28, "READ(10)", *_RW10, nowait=True)
+def read10(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool = False) -> Result:
+    return _read(lu, xfer, *CDB10.unpack_from(cdb), 7, nowait)
 
 
 @command(0x2A, "WRITE(10)", *_RW10)
@@ -114,9 +128,9 @@ def write10(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
     return _write(lu, xfer, *CDB10.unpack_from(cdb), 7)
 
 
-@command(0xA8, "READ(12)", *_RW12)
-def read12(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
-    return _read(lu, xfer, *CDB12.unpack_from(cdb), 6)
+@command(0xA8, "READ(12)", *_RW12, nowait=True)
+def read12(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool = False) -> Result:
+    return _read(lu, xfer, *CDB12.unpack_from(cdb), 6, nowait)
 
 
 @command(0xAA, "WRITE(12)", *_RW12)
@@ -124,9 +138,9 @@ def write12(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
     return _write(lu, xfer, *CDB12.unpack_from(cdb), 6)
 
 
-@command(0x88, "READ(16)", *_RW16)
-def read16(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
-    return _read(lu, xfer, *CDB16.unpack_from(cdb), 10)
+@command(0x88, "READ(16)", *_RW16, nowait=True)
+def read16(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool = False) -> Result:
+    return _read(lu, xfer, *CDB16.unpack_from(cdb), 10, nowait)
 
 
 @command(0x8A, "WRITE(16)", *_RW16)

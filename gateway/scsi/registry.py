@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .sense import Result
-from .transfer import Transfer
 
 if TYPE_CHECKING:
     from .lu import LogicalUnit
 
-Handler = Callable[["LogicalUnit", bytes, Transfer], Result]
+# (lu, cdb, xfer), and for a command registered with nowait=True also (..., nowait)
+Handler = Callable[..., Result]
 
 #: CDB USAGE DATA of the CONTROL byte: NACA is evaluated (and refused)
 CONTROL = 0x04
@@ -31,6 +31,7 @@ class Command:
     handler: Handler
     unit_attention: bool  # False: runs, and does not report, with a unit attention pending
     available: Callable[[LogicalUnit], bool] | None  # None: always supported
+    nowait: bool  # the handler takes a fourth argument, nowait (see LogicalUnit.execute)
     cdb_length: int = field(init=False)  # len(usage), kept: dispatch reads it every command
 
     def __post_init__(self) -> None:
@@ -48,12 +49,13 @@ class Registry:
 
     def command(self, opcode: int, name: str, *usage: int, service_action: int | None = None,
                 unit_attention: bool = True, available: Callable[[LogicalUnit], bool] | None = None,
-                ) -> Callable[[Handler], Handler]:
+                nowait: bool = False) -> Callable[[Handler], Handler]:
         """Register the decorated handler; ``usage`` is the CDB usage mask after the opcode.
-        ``available(lu)`` tells whether a logical unit supports the command."""
+        ``available(lu)`` tells whether a logical unit supports the command; ``nowait``
+        that the handler can be asked not to wait for the medium (a fourth argument)."""
         def register(handler: Handler) -> Handler:
             cmd = Command(opcode, service_action, name, bytes((opcode, *usage)), handler,
-                          unit_attention, available)
+                          unit_attention, available, nowait)
             slot = self._table[opcode]
             if service_action is None:
                 assert slot is None, f"opcode {opcode:#04x} registered twice"

@@ -5,9 +5,13 @@ first, then fetches every new entry, hands commands to a pool of workers
 (I/O and crypto run there, so the ring keeps moving), and completes what the
 workers finished in batches, one tail update and one kick per batch.  A
 command that overlaps an earlier unfinished one waits for it when either
-writes (:mod:`.ordering`).  With no workers the ring thread runs each command
-as it fetches it, in arrival order, so nothing needs ordering.  FUA and
-SYNCHRONIZE CACHE reach the logical unit as such.
+writes (:mod:`.ordering`).  A READ of up to :data:`INLINE_READ_BYTES` that
+waits for nothing is first tried in the ring thread without waiting for the
+medium (``nowait``: the page cache's data, or a worker runs it): a hand-off
+(a thread switch, the GIL, an eventfd wake-up) costs more than such a read.
+With no workers the ring thread runs each command as it fetches it, in
+arrival order, so nothing needs ordering.  FUA and SYNCHRONIZE CACHE reach the
+logical unit as such.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from ..backstore import WouldBlock
 from ..scsi.sense import BUSY, HARDWARE_FAILURE
 from .doorbell import EventfdDoorbell, UioDoorbell
 from .ordering import Access, access
@@ -35,10 +40,16 @@ class Reply(Protocol):
     data_in_len: int
 
 
-class Executor(Protocol):
-    """A logical unit: runs one CDB against a transfer (thread-safe, never raises)."""
+#: READs up to this size are tried in the ring thread first (larger ones decrypt long
+#: enough to be worth a worker)
+INLINE_READ_BYTES = 128 * 1024
 
-    def execute(self, cdb: bytes, xfer: IovecTransfer) -> Reply: ...
+
+class Executor(Protocol):
+    """A logical unit: runs one CDB against a transfer (thread-safe; raises nothing
+    but :class:`~gateway.backstore.WouldBlock`, and that only when ``nowait``)."""
+
+    def execute(self, cdb: bytes, xfer: IovecTransfer, *, nowait: bool = False) -> Reply: ...
 
 
 class RingDevice:
@@ -69,6 +80,7 @@ class RingDevice:
         self._thread: threading.Thread | None = None
         self.gone = False  # the kernel removed the device (EIO on the doorbell)
         self.commands = 0
+        self.inline = 0  # commands a pool device ran in the ring thread
 
     def start(self) -> RingDevice:
         self._thread = threading.Thread(target=self._run, name=f"tcmu-ring-{self.name}",
@@ -170,8 +182,20 @@ class RingDevice:
                 span = access(item.cdb)
                 if span is not None and (self._waiting or self._blocked(span)):
                     self._waiting.append((item, span))
-                else:
+                elif span is None or span.writes or not self._inline(item):
                     self._launch(item, span)
+
+    def _inline(self, cmd: Command) -> bool:
+        """Run a short READ here if its data is at hand; False: a worker must."""
+        xfer = IovecTransfer(self.mem, cmd.iovecs)
+        if xfer.length > INLINE_READ_BYTES:
+            return False
+        reply = self._execute(cmd, xfer, nowait=True)
+        if reply is None:
+            return False
+        self._finished.append((cmd, reply))
+        self.inline += 1
+        return True
 
     def _blocked(self, span: Access) -> bool:
         """Whether ``span`` overlaps a running or waiting command and either writes."""
@@ -188,13 +212,19 @@ class RingDevice:
         assert self._pool is not None
         self._pool.submit(self._work, cmd)
 
-    def _execute(self, cmd: Command) -> Reply:
-        xfer = IovecTransfer(self.mem, cmd.iovecs)
+    def _execute(self, cmd: Command, xfer: IovecTransfer | None = None, *,
+                 nowait: bool = False) -> Reply | None:
+        """The reply to ``cmd``; None when ``nowait`` and it would have waited."""
+        if xfer is None:
+            xfer = IovecTransfer(self.mem, cmd.iovecs)
         try:
-            reply: Reply = self.lu.execute(cmd.cdb, xfer)
+            reply: Reply = self.lu.execute(cmd.cdb, xfer, nowait=True) if nowait else \
+                self.lu.execute(cmd.cdb, xfer)
             if not self._read_len and reply.data_in_len < xfer.length:
                 xfer.zero_from(reply.data_in_len)
-        except Exception:  # noqa: BLE001 - a command never takes the device down
+        except Exception as exc:  # noqa: BLE001 - a command never takes the device down
+            if nowait and isinstance(exc, WouldBlock):
+                return None
             _log.exception("TCMU device %s: command %d failed", self.name, cmd.cmd_id)
             reply = HARDWARE_FAILURE
         return reply
@@ -230,5 +260,5 @@ class RingDevice:
         for cmd, span in waiting:  # _blocked sees those still waiting before this one
             if self._blocked(span):
                 self._waiting.append((cmd, span))
-            else:
+            elif span.writes or not self._inline(cmd):
                 self._launch(cmd, span)

@@ -15,7 +15,7 @@ class IovecTransfer:
     def __init__(self, mem: memoryview, iovecs: tuple[Iovec, ...]) -> None:
         self._mem = mem
         self._iovecs = iovecs
-        self.length = sum(v.length for v in iovecs)
+        self.length = iovecs[0].length if len(iovecs) == 1 else sum(v.length for v in iovecs)
 
     def data_out(self, length: int) -> memoryview:
         """The first ``length`` bytes the initiator sent (a view when in one iovec)."""

@@ -26,6 +26,14 @@ class Gate:
                 self._cond.wait()
             self._shared += 1
 
+    def try_enter_shared(self) -> bool:
+        """Take the gate shared if that needs no wait (pair a True with :meth:`leave_shared`)."""
+        with self._lock:
+            if self._exclusive or self._waiting:
+                return False
+            self._shared += 1
+            return True
+
     def leave_shared(self) -> None:
         with self._lock:
             self._shared -= 1

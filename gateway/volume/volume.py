@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import crypto
 from .. import format as fmt
-from ..backstore import Backstore, BackstoreError
+from ..backstore import Backstore, BackstoreError, WouldBlock
 from ..format import keyslot as fmt_keyslot
 from .gate import Gate
 from .keys import KeySource
@@ -428,17 +428,23 @@ class Volume:
     # readinto and write are the data path of every SCSI READ and WRITE: they hold
     # the gate without a context manager, which costs several microseconds a call.
 
-    def readinto(self, lba: int, buf: bytearray | memoryview) -> None:
-        """Read ``len(buf) // block_size`` blocks at ``lba`` into ``buf``."""
+    def readinto(self, lba: int, buf: bytearray | memoryview, *, nowait: bool = False) -> None:
+        """Read ``len(buf) // block_size`` blocks at ``lba`` into ``buf``.
+
+        ``nowait``: raise :class:`~gateway.backstore.WouldBlock` rather than wait for
+        the medium (``buf`` is then undefined)."""
         view = memoryview(buf).cast("B")
-        nblocks = self._count(view)
+        nblocks = self._count(len(view))
         gate = self._gate
-        gate.enter_shared()
+        if not nowait:
+            gate.enter_shared()
+        elif not gate.try_enter_shared():  # a state change is under way
+            raise WouldBlock
         try:
             cipher, offset = self._admit(lba, nblocks)
             if not nblocks:
                 return
-            self.backstore.preadinto(view, offset)
+            self.backstore.preadinto(view, offset, nowait=nowait)
             if cipher is not None:
                 _decrypt_read(cipher, view, lba, self._block_size)
         except BackstoreError as exc:
@@ -448,7 +454,7 @@ class Volume:
 
     def write(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write whole blocks at ``lba``; never writes without a key."""
-        nblocks = self._count(data)
+        nblocks = self._count(memoryview(data).nbytes)
         gate = self._gate
         gate.enter_shared()
         try:
@@ -493,8 +499,8 @@ class Volume:
             else:
                 self.backstore.discard(offset, length)
 
-    def _count(self, buf: bytes | bytearray | memoryview) -> int:
-        size = memoryview(buf).nbytes
+    def _count(self, size: int) -> int:
+        """Blocks in ``size`` bytes, which must be whole blocks."""
         block_size = self._block_size
         if size % block_size:
             raise VolumeError(f"buffer of {size} bytes is not a multiple of the "
