@@ -177,11 +177,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="per workload and contender, split over the rounds")
     parser.add_argument("--rounds", type=int, default=3, help="turns each contender takes")
-    # 0: the ring thread runs each command itself.  On a page-cache backed file a
-    # command never waits long, and hand-offs to workers (a thread switch, the GIL,
-    # an eventfd wake-up) cost more than they overlap; workers pay off when the
-    # backstore blocks (a busy disk, a remote block device).
-    parser.add_argument("--workers", type=int, default=0, help="handler I/O threads")
+    # gatewayd's default.  Short reads of cached data run in the ring thread anyway
+    # (a hand-off costs more than they do); 0 runs every command there.
+    parser.add_argument("--workers", type=int, default=4,
+                        help="handler I/O threads per device (default: %(default)s, as "
+                             "gatewayd; 0: the ring thread runs every command)")
     parser.add_argument("--only", default="", help="run the workloads whose name has this")
     args = parser.parse_args()
     workloads = [("4 KiB random read, QD32", False, 4096, 32, True),

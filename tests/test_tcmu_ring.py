@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from gateway.backstore import WouldBlock
 from gateway.tcmu import ring as r
-from gateway.tcmu.device import INLINE_READ_BYTES, RingDevice
+from gateway.tcmu.device import PUBLISH_BYTES, RingDevice
 from gateway.tcmu.doorbell import EventfdDoorbell
 from gateway.tcmu.ordering import access
 from gateway.tcmu.simkernel import Completion, RingBroken, RingFull, SimKernel
@@ -270,17 +270,17 @@ def test_random_mixes_over_random_rings(seed: int, cmdr_kib: int, shuffle: bool,
         k.close()
 
 
-def test_short_reads_run_in_the_ring_thread_unless_they_would_wait() -> None:
-    """With workers, a READ of up to INLINE_READ_BYTES that overlaps no unfinished write
-    is first tried in the ring thread without waiting: served there when its data is at
-    hand, else by a worker (DiskLU refuses half the tries); longer READs, and writes,
-    always go to a worker.  Every result still matches the in-order model."""
+def test_reads_run_in_the_ring_thread_unless_they_would_wait() -> None:
+    """With workers, every READ is first tried in the ring thread without waiting (when
+    it overlaps no unfinished write: else once released): served there when its data
+    is at hand, else by a worker (DiskLU refuses half the tries); writes always go to
+    a worker.  Every result still matches the in-order model."""
     rnd = random.Random(5)
     blocks = 600
     ops = []
     for _ in range(300):
         write = rnd.random() < 0.1
-        n = rnd.choice([1, 8] if write else [1, 8, 8, 64, 256, 257, 300])  # 256: INLINE_READ_BYTES
+        n = rnd.choice([1, 8] if write else [1, 8, 8, 64, 256, 300])
         ops.append(("w" if write else "r", rnd.randrange(0, blocks - n + 1), n))
     k = SimKernel(cmdr_size=16 << 10, data_size=2 << 20)
     lu = DiskLU(blocks, jitter=0.001, seed=5)
@@ -288,11 +288,41 @@ def test_short_reads_run_in_the_ring_thread_unless_they_would_wait() -> None:
         run_mix(k, lu, ops, blocks)
     finally:
         k.close()
-    assert lu.served_without_waiting > 20 and lu.refused > 20, (lu.served_without_waiting, lu.refused)
-    assert lu.largest_try == INLINE_READ_BYTES
-    tried = lu.served_without_waiting + lu.refused
-    short_reads = sum(1 for kind, _, n in ops if kind == "r" and n * BS <= INLINE_READ_BYTES)
-    assert tried <= short_reads
+    assert lu.served_without_waiting > 20 and lu.refused > 20
+    assert lu.served_without_waiting + lu.refused == sum(1 for kind, _, _ in ops if kind == "r")
+    assert lu.largest_try == 300 * BS
+
+
+def test_reads_in_the_ring_thread_complete_every_publish_bytes() -> None:
+    """Sixteen 64 KiB READs fetched in one batch and served in the ring thread are
+    completed PUBLISH_BYTES at a time, not all at the end of the batch."""
+    k = SimKernel(cmdr_size=64 << 10, data_size=2 << 20)
+    lu = DiskLU(4096, miss=0.0)
+    m = mmap.mmap(k.memfd, k.size)
+    dev = RingDevice(memoryview(m), EventfdDoorbell(k.to_handler, k.to_kernel), lu, workers=4)
+    batches: list[int] = []
+    complete_all = dev.ring.complete_all
+
+    def counted(replies: list[tuple[int, int, bytes, int | None]]) -> None:
+        batches.append(len(replies))
+        complete_all(replies)
+
+    dev.ring.complete_all = counted  # type: ignore[method-assign]
+    for i in range(16):  # all in the ring before the device looks
+        k.queue(rw10(0x28, i * 128, 128), data_in_len=128 * BS)
+    dev.start()
+    try:
+        got: list[Completion] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 16 and time.monotonic() < deadline:
+            k.wait(0.1)
+            got += k.reap()
+        assert len(got) == 16 and all(c.status == 0 for c in got)
+    finally:
+        dev.stop()
+        k.close()
+    assert dev.inline == 16 and sum(batches) == 16
+    assert max(batches) == PUBLISH_BYTES // (128 * BS)
 
 
 def test_overlapping_commands_run_in_arrival_order() -> None:

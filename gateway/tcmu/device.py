@@ -5,10 +5,12 @@ first, then fetches every new entry, hands commands to a pool of workers
 (I/O and crypto run there, so the ring keeps moving), and completes what the
 workers finished in batches, one tail update and one kick per batch.  A
 command that overlaps an earlier unfinished one waits for it when either
-writes (:mod:`.ordering`).  A READ of up to :data:`INLINE_READ_BYTES` that
-waits for nothing is first tried in the ring thread without waiting for the
-medium (``nowait``: the page cache's data, or a worker runs it): a hand-off
-(a thread switch, the GIL, an eventfd wake-up) costs more than such a read.
+writes (:mod:`.ordering`).  A READ that waits for no other command is first
+tried in the ring thread without waiting for the medium (``nowait``: the page
+cache's data, or a worker runs it): a hand-off (a thread switch, the GIL, an
+eventfd wake-up) costs more than such a read, and the GIL keeps workers from
+decrypting side by side anyway.  Every :data:`PUBLISH_BYTES` read so, what is
+finished is completed, so that large reads do not wait for a whole batch.
 With no workers the ring thread runs each command as it fetches it, in
 arrival order, so nothing needs ordering.  FUA and SYNCHRONIZE CACHE reach the
 logical unit as such.
@@ -40,9 +42,8 @@ class Reply(Protocol):
     data_in_len: int
 
 
-#: READs up to this size are tried in the ring thread first (larger ones decrypt long
-#: enough to be worth a worker)
-INLINE_READ_BYTES = 128 * 1024
+#: bytes read in the ring thread after which it completes what is finished mid-batch
+PUBLISH_BYTES = 256 * 1024
 
 
 class Executor(Protocol):
@@ -81,6 +82,7 @@ class RingDevice:
         self.gone = False  # the kernel removed the device (EIO on the doorbell)
         self.commands = 0
         self.inline = 0  # commands a pool device ran in the ring thread
+        self._inline_bytes = 0  # read there since the last completion
 
     def start(self) -> RingDevice:
         self._thread = threading.Thread(target=self._run, name=f"tcmu-ring-{self.name}",
@@ -184,17 +186,18 @@ class RingDevice:
                     self._waiting.append((item, span))
                 elif span is None or span.writes or not self._inline(item):
                     self._launch(item, span)
+                elif self._inline_bytes >= PUBLISH_BYTES:
+                    self._complete()
 
     def _inline(self, cmd: Command) -> bool:
-        """Run a short READ here if its data is at hand; False: a worker must."""
+        """Run a READ here if its data is at hand; False: a worker must."""
         xfer = IovecTransfer(self.mem, cmd.iovecs)
-        if xfer.length > INLINE_READ_BYTES:
-            return False
         reply = self._execute(cmd, xfer, nowait=True)
         if reply is None:
             return False
         self._finished.append((cmd, reply))
         self.inline += 1
+        self._inline_bytes += xfer.length
         return True
 
     def _blocked(self, span: Access) -> bool:
@@ -237,6 +240,7 @@ class RingDevice:
             os.eventfd_write(self._wake, 1)
 
     def _complete(self) -> None:
+        self._inline_bytes = 0
         finished = self._finished
         if not finished:
             return
