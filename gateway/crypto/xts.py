@@ -11,7 +11,7 @@ comment above :class:`_Batch`), and one AES call per chunk does ``E_k1``
 between two xors.  That bulk AES runs on an XTS context whose tweak encrypts to
 zero (:func:`_aes_ecb`).  The batched path's fixed cost (~45-70 us) is paid
 back only from tens of KiB; below that, 512-byte sectors take a short numpy
-route (:func:`_small`, ~15-20 us for 4 KiB) and larger sectors one call each.
+route (:func:`_small`, ~12-15 us for 4 KiB) and larger sectors one call each.
 """
 
 from __future__ import annotations
