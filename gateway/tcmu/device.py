@@ -2,8 +2,8 @@
 
 The ring thread owns ``cmd_tail``: it reads the kernel's wake-up count
 first, then fetches every new entry, hands commands to a pool of workers
-(I/O and crypto run there, so the ring keeps moving), and completes what the
-workers finished in batches, one tail update and one kick per batch.  A
+(what may wait for the medium runs there, so the ring keeps moving), and
+completes what is finished in batches, one tail update and one kick per batch.  A
 command that overlaps an earlier unfinished one waits for it when either
 writes (:mod:`.ordering`).  A READ that waits for no other command is first
 tried in the ring thread without waiting for the medium (``nowait``: the page
