@@ -30,8 +30,8 @@ import threading
 from collections import deque
 from typing import Any
 
-from ..volume import DataProtectError, LbaOutOfRangeError, NotReadyError, State, Transition
 from ..backstore import WouldBlock
+from ..volume import DataProtectError, LbaOutOfRangeError, NotReadyError, State, Transition
 from ..volume import VolumeIOError
 from . import inquiry, modes, opcodes, provisioning, readwrite  # noqa: F401 - register commands
 from .device import Backend, Identity, Limits
@@ -75,7 +75,8 @@ class LogicalUnit:
     # -- commands --------------------------------------------------------------
 
     def execute(self, cdb: bytes, xfer: Transfer, *, nowait: bool = False) -> Result:
-        """Run one command; never raises (an internal error is HARDWARE ERROR 44/00).
+        """Run one command; raises nothing but WouldBlock, and that only when asked
+        (an internal error is HARDWARE ERROR 44/00).
 
         ``nowait``: raise :class:`~gateway.backstore.WouldBlock` rather than wait for
         the medium, having changed nothing; run it again without.  Only READ can
