@@ -21,7 +21,7 @@ class Gated:
         self.gate = threading.Event()
         self.started = threading.Semaphore(0)
 
-    def execute(self, cdb: bytes, xfer: IovecTransfer) -> Result:
+    def execute(self, cdb: bytes, xfer: IovecTransfer, *, nowait: bool = False) -> Result:
         self.started.release()
         self.gate.wait(30)
         return Result(GOOD)

@@ -82,8 +82,6 @@ class SectorCipher:
         self._iv_step = sector_size // 512
         self._iv_tweak = iv_tweak
         self._batch_bytes = _BATCH_BYTES[sector_size]
-        # The buffer sizes that take the short numpy route: [low, high), or none.
-        self._short_sizes = (_SMALL_BYTES, self._batch_bytes) if sector_size == 512 else (0, 0)
         # Whether a lone sector takes one cryptography call (the common 4 KiB I/O).
         self._one_call = sector_size < self._batch_bytes and not self._short(sector_size)
         self._xts = algorithms.AES(self._key)
@@ -127,8 +125,7 @@ class SectorCipher:
 
     def _short(self, size: int) -> bool:
         """Whether a buffer of ``size`` bytes takes the short numpy route."""
-        low, high = self._short_sizes
-        return low <= size < high
+        return self.sector_size == 512 and _SMALL_BYTES <= size < self._batch_bytes
 
     def _crypt(self, data: Any, sector: int, encrypt: bool) -> bytes:
         src, iv = self._check(data, sector)

@@ -221,8 +221,7 @@ class RingDevice:
         if xfer is None:
             xfer = IovecTransfer(self.mem, cmd.iovecs)
         try:
-            reply: Reply = self.lu.execute(cmd.cdb, xfer, nowait=True) if nowait else \
-                self.lu.execute(cmd.cdb, xfer)
+            reply: Reply = self.lu.execute(cmd.cdb, xfer, nowait=nowait)
             if not self._read_len and reply.data_in_len < xfer.length:
                 xfer.zero_from(reply.data_in_len)
         except Exception as exc:  # noqa: BLE001 - a command never takes the device down

@@ -238,8 +238,9 @@ class SimKernel:
             if cmd is None:
                 raise RingBroken(f"cmd_id {cmd_id} not found, ring is broken")
             status, read_len = struct.unpack_from("<BxxxI", self.mem, entry + 8)
-            # the kernel reads the sense buffer of a CHECK CONDITION only
-            sense = bytes(self.mem[entry + 16:entry + 16 + r.SENSE_SIZE]) if status == r.CHECK_CONDITION else b""
+            sense = b""  # the kernel reads the sense buffer of a CHECK CONDITION only
+            if status == r.CHECK_CONDITION:
+                sense = bytes(self.mem[entry + 16:entry + 16 + r.SENSE_SIZE])
             valid_len: int | None = None
             if uflags & r.UFLAG_READ_LEN and cmd.data_in_len:  # only data-in commands use it
                 valid_len = min(read_len, cmd.data_in_len)  # the kernel caps it, too
