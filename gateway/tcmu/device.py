@@ -23,7 +23,6 @@ import logging
 import os
 import select
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from ..backstore import WouldBlock
@@ -32,6 +31,7 @@ from .doorbell import EventfdDoorbell, UioDoorbell
 from .ordering import Access, access
 from .ring import Command, Ring, RingError, TaskManagement
 from .transfer import IovecTransfer
+from .workers import Workers
 
 _log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class RingDevice:
         self.name = name
         # workers=0 runs every command in the ring thread (no hand-offs; for page-cache
         # or memory backstores where a command never waits long)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"tcmu-{name or 'dev'}") \
-            if workers else None
+        self._pool = Workers(workers, self._work, f"tcmu-{name or 'dev'}") if workers else None
+        self._launched: list[Command] = []  # for the pool, handed over once per fetch
         self._read_len = self.ring.read_len_supported
         self._finished: collections.deque[tuple[Command, Reply]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -188,6 +188,7 @@ class RingDevice:
                     self._launch(item, span)
                 elif self._inline_bytes >= PUBLISH_BYTES:
                     self._complete()
+        self._hand_over()
 
     def _inline(self, cmd: Command) -> bool:
         """Run a READ here if its data is at hand; False: a worker must."""
@@ -212,8 +213,14 @@ class RingDevice:
         self._running[cmd.cmd_id] = span
         if span is not None and span.writes:
             self._writing += 1
-        assert self._pool is not None
-        self._pool.submit(self._work, cmd)
+        self._launched.append(cmd)
+
+    def _hand_over(self) -> None:
+        """Give the pool what was launched since the last hand-over, in one batch."""
+        if self._launched:
+            assert self._pool is not None
+            self._pool.submit(self._launched)
+            self._launched = []
 
     def _execute(self, cmd: Command, xfer: IovecTransfer | None = None, *,
                  nowait: bool = False) -> Reply | None:
@@ -239,6 +246,7 @@ class RingDevice:
             os.eventfd_write(self._wake, 1)
 
     def _complete(self) -> None:
+        self._hand_over()  # mid-fetch: let the workers start on what is launched
         self._inline_bytes = 0
         finished = self._finished
         if not finished:
@@ -254,6 +262,7 @@ class RingDevice:
         self.ring.complete_all(replies)
         if self._waiting:
             self._release()
+            self._hand_over()
         self.ring.skip_to_cursor()
         self.doorbell.kick()
 
