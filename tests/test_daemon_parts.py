@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 from keysources import SyncSource
+from pagecache import refused_once_evicted
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway import format as fmt
-from gateway.backstore import open_backstore
+from gateway.backstore import WouldBlock, open_backstore
 from gateway.daemon import health
 from gateway.daemon.__main__ import build_parser, resolve
 from gateway.daemon.control import (Code, ControlError, Dispatcher, LineBuffer, Request,
@@ -26,6 +27,7 @@ from gateway.daemon.metrics import (CountingAuditLog, GatewayCollector, LunMeter
 from gateway.daemon.notify import notify
 from gateway.daemon.watcher import HeaderWatcher, fingerprint
 from gateway.scsi import Identity, Limits, LogicalUnit
+from gateway.scsi.transfer import BytesTransfer
 from gateway.tcmu.cfgstring import DeviceConfig
 from gateway.tcmu.device import RingDevice
 from gateway.tcmu.doorbell import EventfdDoorbell
@@ -242,6 +244,38 @@ def test_metered_commands_through_the_ring(tmp_path: Path) -> None:
     assert 'evlu_key_lookups_total{outcome="granted",source="cache"} 1.0' in text
     assert 'evlu_key_lookups_total{outcome="refused",source="kms"} 1.0' in text
     assert 'evlu_kms_reachable{profile="embedded"} 0.0' in text
+    volume.close()
+
+
+def test_metered_batched_reads_count_once(tmp_path: Path) -> None:
+    """A READ queued in a read batch counts when the batch reads it; one the batch
+    cannot read counts only when it runs again (as a worker runs it)."""
+    kek = os.urandom(32)
+    path = tmp_path / "m.img"
+    make_evlu(path, kek, "k1")
+    volume = Volume.open(open_backstore(str(path)), key_source=SyncSource({"k1": kek}))
+    meter = LunMeter()
+    metered = Metered(LogicalUnit(volume, Identity(serial="1"), Limits()), meter)
+    read = struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0)
+    assert metered.execute(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0),
+                           BytesTransfer(os.urandom(4096))).status == 0
+    batch = metered.read_batch()
+    assert batch is not None
+    assert metered.execute(read, BytesTransfer(b"", 4096), nowait=batch).status == 0
+    assert meter.snapshot()[0] == [0, 1, 0]  # queued: not yet
+    assert batch.run() == [True]
+    assert meter.snapshot()[0][:2] == [1, 1] and meter.snapshot()[1][0] == 4096
+    volume.flush()
+
+    def attempt() -> None:
+        metered.execute(read, BytesTransfer(b"", 4096), nowait=batch)
+        if not batch.run()[0]:
+            raise WouldBlock
+
+    refused_once_evicted(path, attempt)
+    reads_before = meter.snapshot()[0][0]
+    assert metered.execute(read, BytesTransfer(b"", 4096)).status == 0  # the worker's run
+    assert meter.snapshot()[0][0] == reads_before + 1
     volume.close()
 
 

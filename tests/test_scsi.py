@@ -914,3 +914,32 @@ def test_nowait_serves_only_reads_whose_data_is_at_hand(tmp_path) -> None:
     result, _ = (lu.execute(cdb16(0x88, 8, 8), BytesTransfer(b"", 4096), nowait=True), None)
     check(result, 0x6, 0x2A, 0x09)
     volume.close()
+
+
+def test_a_read_batch_queues_reads_and_reads_them_together(elu: LogicalUnit) -> None:
+    """execute(nowait=batch), as the ring thread tries READs: a READ whose checks pass
+    is queued with the reply it will have, and read (decrypted) only by run(); a READ
+    that fails its checks, or has no single buffer to read into, is answered at once;
+    any other command raises WouldBlock."""
+    data = [bytes([i]) * 4096 for i in range(1, 4)]
+    for i, block in enumerate(data):
+        good(elu, cdb16(0x8A, 8 * i, 8), block)
+    batch = elu.read_batch()
+    xfers = [BytesTransfer(b"", 4096) for _ in data]
+    for i, xfer in enumerate(xfers):
+        result = elu.execute(cdb16(0x88, 8 * i, 8) if i else cdb10(0x28, 0, 8), xfer,
+                             nowait=batch)
+        assert (result.status, result.data_in_len) == (0, 4096)
+    assert len(batch) == 3 and all(bytes(x.received) == bytes(4096) for x in xfers)
+    bad = elu.execute(cdb16(0x88, elu.backend.num_blocks, 8), BytesTransfer(b"", 4096),
+                      nowait=batch)
+    check(bad, ILLEGAL, 0x21)
+    scattered = BytesTransfer(b"", 4096, contiguous=False)
+    result = elu.execute(cdb16(0x88, 8, 8), scattered, nowait=batch)
+    assert result.status == 0 and bytes(scattered.received) == data[1]
+    with pytest.raises(WouldBlock):
+        elu.execute(cdb16(0x8A, 0, 8), BytesTransfer(bytes(4096)), nowait=batch)
+    assert len(batch) == 3
+    assert batch.run() == [True, True, True] and len(batch) == 0
+    assert [bytes(x.received) for x in xfers] == data
+    assert good(elu, cdb16(0x88, 0, 8)) == data[0]  # the refused WRITE was not run

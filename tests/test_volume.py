@@ -7,9 +7,10 @@ import threading
 
 import pytest
 from keysources import SyncSource
+from pagecache import refused_once_evicted
 
 from gateway import format as fmt
-from gateway.backstore import MemoryBackstore
+from gateway.backstore import MemoryBackstore, WouldBlock, open_backstore
 from gateway.format import binary
 from gateway.volume import (DataProtectError, LbaOutOfRangeError, NotReadyError,
                             OperationRefusedError, State, Transition, Volume, VolumeError)
@@ -351,3 +352,43 @@ def test_secondary_magic_alone_is_unknown_not_plain():
     dev.pwrite(binary.MAGIC_SECONDARY, 0x4000)
     vol = Volume.open(dev, allow_plain=True)
     assert vol.state == State.UNKNOWN
+
+
+def test_read_cached_reads_and_decrypts_requests_together(small_evlu, kek):
+    """read_cached: every request it can read matches read() (holes as zeroes); one
+    it cannot (out of range, not whole blocks) is False and leaves the others be;
+    nothing is read while the key is awaited."""
+    dev, _, _ = small_evlu
+    vol = Volume.open(dev, key_source=SyncSource({"k1": kek}))
+    vol.write(0, os.urandom(64 * 512))
+    vol.unmap(9, 3)
+    spans = [(0, 8), (8, 8), (40, 1), (5, 20)]
+    bufs = [bytearray(n * 512) for _, n in spans]
+    requests = [(lba, buf) for (lba, _), buf in zip(spans, bufs)]
+    requests += [(vol.num_blocks - 4, bytearray(8 * 512)), (0, bytearray(100))]
+    assert vol.read_cached(requests) == [True, True, True, True, False, False]
+    assert [bytes(b) for b in bufs] == [bytes(vol.read(lba, n)) for lba, n in spans]
+    assert not any(bufs[1][512:2048])  # blocks 9..11 were unmapped
+    waiting, _ = opened(small_evlu[0], key_source=RecordingSource())
+    assert waiting.state == State.WAITING_FOR_KEY
+    assert waiting.read_cached([(0, bytearray(512))]) == [False]
+
+
+def test_read_cached_refuses_what_the_page_cache_lacks(tmp_path, kek):
+    path = tmp_path / "v.img"
+    path.write_bytes(bytes(4 << 20))
+    dev = open_backstore(str(path))
+    fmt.create(dev, kek, fmt.Binding("k1", "default"), data_offset=fmt.MIN_DATA_OFFSET)
+    vol = Volume.open(dev, key_source=SyncSource({"k1": kek}))
+    data = os.urandom(8 * 512)
+    vol.write(16, data)
+    buf = bytearray(8 * 512)
+    assert vol.read_cached([(16, buf)]) == [True] and buf == data
+
+    def attempt() -> None:
+        if not vol.read_cached([(16, buf)])[0]:
+            raise WouldBlock
+
+    vol.flush()
+    refused_once_evicted(path, attempt)
+    vol.close()

@@ -441,3 +441,29 @@ def test_repr_hides_the_key() -> None:
     for window in range(0, 64, 4):
         assert key[window:window + 4].hex() not in text
     assert "AES-128-XTS" in repr(SectorCipher(os.urandom(32)))
+
+
+@pytest.mark.parametrize("sector_size", [512, 4096])
+@pytest.mark.parametrize("key_size", [32, 64])
+def test_decrypt_many_matches_one_buffer_at_a_time(sector_size: int, key_size: int) -> None:
+    """decrypt_many over buffers of 1-16 sectors at scattered sector numbers (some
+    wrapping at 2**64, some in one batch past MANY_BYTES) equals per-sector XTS."""
+    rnd = random.Random(sector_size + key_size)
+    key = os.urandom(key_size)
+    cipher = SectorCipher(key, sector_size, iv_tweak=rnd.randrange(2**64))
+    for count, most, same in ((1, 4, False), (2, 1, False), (17, 8, False), (16, 8, True),
+                              (40, 16, False), (70, 16, False)):
+        items = []
+        for _ in range(count):
+            n = most if same else rnd.randint(1, most)
+            sector = rnd.choice([rnd.randrange(2**40), MAX_SECTOR - rnd.randrange(n)])
+            items.append((bytearray(os.urandom(n * sector_size)), sector))
+        expected = [reference(key, bytes(buf), sector, sector_size, cipher._iv_tweak,
+                              encrypt=False) for buf, sector in items]
+        many = sum(len(buf) for buf, _ in items) > xts.MANY_BYTES
+        cipher.decrypt_many([(memoryview(buf), sector) for buf, sector in items])
+        assert [bytes(buf) for buf, _ in items] == expected, (count, many)
+    with pytest.raises(TypeError):
+        cipher.decrypt_many([(bytearray(sector_size), 0), (bytes(sector_size), 1)])
+    with pytest.raises(CryptoError):
+        cipher.decrypt_many([(bytearray(sector_size), 0), (bytearray(100), 1)])

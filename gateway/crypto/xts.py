@@ -20,12 +20,12 @@ import io
 import operator
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["CryptoError", "SectorCipher"]
+__all__ = ["MANY_BYTES", "CryptoError", "SectorCipher"]
 
 if sys.byteorder != "little":  # the tweak arithmetic views blocks as native uint64 pairs
     raise ImportError("gateway.crypto.xts needs a little-endian host")
@@ -47,6 +47,8 @@ _U64 = np.uint64
 _BATCH_BYTES = {512: 24 * 1024, 1024: 14 * 1024, 2048: 16 * 2048, 4096: 20 * 4096}
 _SMALL_BYTES = 4 * 512
 _SHORT_CAPACITY = _BATCH_BYTES[512] // 512  # sectors: the short route's scratch
+#: the most bytes SectorCipher.decrypt_many takes in one pass
+MANY_BYTES = 256 * 1024
 _CHUNK = 256 * 1024  # bytes xored and encrypted per step: keeps the chunk in L2
 _SPAN = 1024 * 1024  # bytes whose tweak records are built at once
 _CHUNK_VS = _CHUNK // 512  # virtual sectors: 32 blocks, one tweak base each
@@ -120,6 +122,23 @@ class SectorCipher:
     def decrypt_into(self, buf: bytearray | memoryview | Any, sector: int) -> None:
         """Decrypt the whole sectors of a writable buffer in place."""
         self._crypt_into(buf, sector, False)
+
+    def decrypt_many(self, items: Sequence[tuple[bytearray | memoryview | Any, int]]) -> None:
+        """Decrypt several writable buffers in place, each ``(buffer, first sector)``.
+
+        With 512-byte sectors, up to :data:`MANY_BYTES` in all take one short-route
+        pass (one set of numpy calls for all, ~0.5 us a sector): cheaper than a
+        call per buffer for a batch of small reads."""
+        checked = [self._check(buf, sector) for buf, sector in items]
+        if any(view.readonly for view, _ in checked):
+            raise TypeError("every buffer must be writable")
+        sectors = sum(len(view) for view, _ in checked) // self.sector_size
+        if self.sector_size != 512 or len(checked) < 2 or sectors * 512 > MANY_BYTES:
+            for (view, _), (_, sector) in zip(checked, items):
+                self._crypt_into(view, sector, False)
+            return
+        contexts = self._thread_contexts()
+        _small_many(checked, sectors, contexts.tweak, contexts.decrypt)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -394,6 +413,38 @@ def _small(buf: Any, n: int, first_iv: int, tweak_aes: Callable, aes: Callable) 
     np.bitwise_xor(blocks, short.tweaks, out=short.work_blocks)
     aes(short.work_in, short.work)
     np.bitwise_xor(short.work_blocks, short.tweaks, out=blocks)
+
+
+def _small_many(checked: list[tuple[memoryview, int]], n: int, tweak_aes: Callable,
+                aes: Callable) -> None:
+    """As :func:`_small` over buffers ``(view, first IV)`` of ``n`` sectors in all,
+    gathered into the scratch and scattered back."""
+    short = _short_views(n)
+    work, start = memoryview(short.work_in), 0
+    for view, _ in checked:
+        work[start:start + len(view)] = view
+        start += len(view)
+    firsts = np.array([first_iv for _, first_iv in checked], _U64)
+    counts = [len(view) // 512 for view, _ in checked]
+    if min(counts) == max(counts):  # the usual batch: READs of one size
+        np.add(firsts[:, None], short.steps[:counts[0]],
+               out=short.iv_low.reshape(len(counts), counts[0]))
+    else:  # each buffer's first IV, plus its sectors' places in it
+        np.add(np.repeat(firsts - np.cumsum([0] + counts[:-1], dtype=_U64), counts),
+               short.steps, out=short.iv_low)  # all modulo 2**64
+    tweak_aes(short.iv_bytes, short.encrypted_iv)
+    np.right_shift(short.swapped, _CUT, out=short.cuts)
+    np.left_shift(short.cut_hi, _R_SHIFTS, out=short.r_terms)
+    np.left_shift(short.base, _B, out=short.shifted)
+    np.bitwise_xor.reduce(short.terms, axis=0, out=short.tweak_halves)
+    np.bitwise_xor(short.work_blocks, short.tweaks, out=short.work_blocks)
+    aes(short.work_in, short.work)
+    np.bitwise_xor(short.work_blocks, short.tweaks, out=short.work_blocks)
+    start = 0
+    for view, _ in checked:
+        end = start + len(view)
+        view[:] = work[start:end]
+        start = end
 
 
 def _batch() -> _Batch:

@@ -30,6 +30,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.registry import Collector
 
 from ..kms.audit import AuditLog
+from ..scsi.batch import CachedReader, ReadBatch
 from ..scsi.sense import GOOD
 from ..tcmu.device import Executor, Reply
 from ..tcmu.transfer import IovecTransfer
@@ -77,9 +78,18 @@ class Metered:
         self.lu = lu
         self.meter = meter
 
-    def execute(self, cdb: bytes, xfer: IovecTransfer, *, nowait: bool = False) -> Reply:
+    def read_batch(self) -> ReadBatch | None:
+        make = getattr(self.lu, "read_batch", None)
+        return _MeteredBatch(make().reader, self.meter) if make is not None else None
+
+    def execute(self, cdb: bytes, xfer: IovecTransfer, *,
+                nowait: bool | ReadBatch = False) -> Reply:
         start = time.perf_counter_ns()
+        queued = len(nowait) if isinstance(nowait, _MeteredBatch) else -1
         reply = self.lu.execute(cdb, xfer, nowait=nowait)  # WouldBlock: nothing to count
+        if isinstance(nowait, _MeteredBatch) and len(nowait) > queued:
+            nowait.started.append((start, reply.data_in_len))  # counted if the batch reads it
+            return reply
         elapsed = time.perf_counter_ns() - start
         op = _OP_OF[cdb[0]] if cdb else OTHER
         nbytes = 0
@@ -87,6 +97,25 @@ class Metered:
             nbytes = reply.data_in_len if op == READ else xfer.length if op == WRITE else 0
         self.meter.record(op, nbytes, elapsed)
         return reply
+
+
+class _MeteredBatch(ReadBatch):
+    """A read batch that counts each READ it reads, from its execute to the batch's end
+    (one it cannot read is counted when it runs again)."""
+
+    def __init__(self, reader: CachedReader, meter: LunMeter) -> None:
+        super().__init__(reader)
+        self.meter = meter
+        self.started: list[tuple[int, int]] = []  # (start ns, bytes) per queued READ
+
+    def run(self) -> list[bool]:
+        done = super().run()
+        end = time.perf_counter_ns()
+        for (start, nbytes), read in zip(self.started, done):
+            if read:
+                self.meter.record(READ, nbytes, end - start)
+        self.started = []
+        return done
 
 
 class CountingAuditLog(AuditLog):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ class Backend(Protocol):
     def header(self) -> Any: ...  # None when the volume is plain
     def readinto(self, lba: int, buf: bytearray | memoryview, *, nowait: bool = False) -> None:
         ...
+    def read_cached(self, requests: Sequence[tuple[int, memoryview]]) -> list[bool]: ...
     def write(self, lba: int, data: Buffer, *, fua: bool = False) -> None: ...
     def flush(self) -> None: ...
     def unmap(self, lba: int, nblocks: int) -> None: ...

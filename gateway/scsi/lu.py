@@ -34,6 +34,7 @@ from ..backstore import WouldBlock
 from ..volume import DataProtectError, LbaOutOfRangeError, NotReadyError, State, Transition
 from ..volume import VolumeIOError
 from . import inquiry, modes, opcodes, provisioning, readwrite  # noqa: F401 - register commands
+from .batch import ReadBatch
 from .device import Backend, Identity, Limits
 from .locks import RangeLock
 from .registry import CONTROL, REGISTRY, command
@@ -74,14 +75,16 @@ class LogicalUnit:
 
     # -- commands --------------------------------------------------------------
 
-    def execute(self, cdb: bytes, xfer: Transfer, *, nowait: bool = False) -> Result:
+    def execute(self, cdb: bytes, xfer: Transfer, *, nowait: bool | ReadBatch = False) -> Result:
         """Run one command; raises nothing but WouldBlock, and that only when asked
         (an internal error is HARDWARE ERROR 44/00).
 
         ``nowait``: raise :class:`~gateway.backstore.WouldBlock` rather than wait for
         the medium, having changed nothing; run it again without.  Only READ can
         tell: any other command raises it once its checks pass (a pending unit
-        attention or a bad CDB is still answered)."""
+        attention or a bad CDB is still answered).  A :class:`ReadBatch` as
+        ``nowait`` queues a READ whose checks pass in it, with the reply it will
+        have if the batch reads it (see :mod:`.batch`)."""
         try:
             if not cdb:
                 return INVALID_OPCODE
@@ -100,7 +103,7 @@ class LogicalUnit:
             if nowait:
                 if not cmd.nowait:
                     raise WouldBlock
-                return cmd.handler(self, cdb, xfer, True)
+                return cmd.handler(self, cdb, xfer, nowait)
             return cmd.handler(self, cdb, xfer)
         except WouldBlock:
             raise
@@ -168,7 +171,15 @@ class LogicalUnit:
         if lba + count > self.backend.num_blocks:
             raise CheckCondition(LBA_OUT_OF_RANGE)
 
-    def readinto(self, lba: int, buf: bytearray | memoryview, nowait: bool = False) -> None:
+    def read_batch(self) -> ReadBatch:
+        """A batch for ``execute(..., nowait=batch)`` (see :mod:`.batch`)."""
+        return ReadBatch(self.backend)
+
+    def readinto(self, lba: int, buf: bytearray | memoryview,
+                 nowait: bool | ReadBatch = False) -> None:
+        if isinstance(nowait, ReadBatch):
+            nowait.add(lba, memoryview(buf))
+            return
         try:
             self.backend.readinto(lba, buf, nowait=nowait)
         except VolumeIOError as exc:

@@ -19,6 +19,7 @@ from .sense import (GOOD, GOOD_RESULT, MISCOMPARE, SHORT_DATA_OUT, CheckConditio
 from .transfer import Buffer, Transfer
 
 if TYPE_CHECKING:
+    from .batch import ReadBatch
     from .lu import LogicalUnit
 
 #: large VERIFY and WRITE SAME go to the volume in pieces of this size
@@ -63,7 +64,7 @@ def _check_length(lu: LogicalUnit, count: int, length_at: int) -> None:
 
 
 def _read(lu: LogicalUnit, xfer: Transfer, flags: int, lba: int, count: int,
-          length_at: int, nowait: bool = False) -> Result:
+          length_at: int, nowait: bool | ReadBatch = False) -> Result:
     if flags & 0xE0:
         raise invalid_field(1, 7)  # RDPROTECT: no protection information
     _check_length(lu, count, length_at)
@@ -76,13 +77,13 @@ def _read(lu: LogicalUnit, xfer: Transfer, flags: int, lba: int, count: int,
     if size <= xfer.length:
         view = xfer.in_view(size)
         if view is not None:
-            lu.readinto(lba, view, nowait)
+            lu.readinto(lba, view, nowait)  # a ReadBatch queues it (see .batch)
             return _good_in(size)
         buf = bytearray(size)
     else:  # short buffer: fill it, no more
         size = xfer.length
         buf = bytearray(-(-size // block_size) * block_size)
-    lu.readinto(lba, buf, nowait)
+    lu.readinto(lba, buf, bool(nowait))  # read now: it is copied out below
     xfer.data_in(buf)
     return Result(GOOD, b"", size)
 
@@ -109,7 +110,7 @@ def _write(lu: LogicalUnit, xfer: Transfer, flags: int, lba: int, count: int,
 
 
 @command(0x08, "READ(6)", 0x1F, 0xFF, 0xFF, 0xFF, CONTROL, nowait=True)
-def read6(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool = False) -> Result:
+def read6(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool | ReadBatch = False) -> Result:
     return _read(lu, xfer, 0, *lba_length6(cdb), 4, nowait)
 
 
@@ -119,7 +120,7 @@ def write6(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
 
 
 @command(0x28, "READ(10)", *_RW10, nowait=True)
-def read10(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool = False) -> Result:
+def read10(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool | ReadBatch = False) -> Result:
     return _read(lu, xfer, *CDB10.unpack_from(cdb), 7, nowait)
 
 
@@ -129,7 +130,7 @@ def write10(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
 
 
 @command(0xA8, "READ(12)", *_RW12, nowait=True)
-def read12(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool = False) -> Result:
+def read12(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool | ReadBatch = False) -> Result:
     return _read(lu, xfer, *CDB12.unpack_from(cdb), 6, nowait)
 
 
@@ -139,7 +140,7 @@ def write12(lu: LogicalUnit, cdb: bytes, xfer: Transfer) -> Result:
 
 
 @command(0x88, "READ(16)", *_RW16, nowait=True)
-def read16(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool = False) -> Result:
+def read16(lu: LogicalUnit, cdb: bytes, xfer: Transfer, nowait: bool | ReadBatch = False) -> Result:
     return _read(lu, xfer, *CDB16.unpack_from(cdb), 10, nowait)
 
 

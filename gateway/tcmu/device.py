@@ -9,8 +9,11 @@ writes (:mod:`.ordering`).  A READ that waits for no other command is first
 tried in the ring thread without waiting for the medium (``nowait``: the page
 cache's data, or a worker runs it): a hand-off (a thread switch, the GIL, an
 eventfd wake-up) costs more than such a read, and the GIL keeps workers from
-decrypting side by side anyway.  Every :data:`PUBLISH_BYTES` read so, what is
-finished is completed, so that large reads do not wait for a whole batch.
+decrypting side by side anyway.  Those READs are queued in a read batch and
+read together at the end of the fetch (one decryption pass for all: see
+:mod:`gateway.scsi.batch`); one the page cache cannot serve goes to a worker.
+Every :data:`PUBLISH_BYTES` read so, what is finished is completed, so that
+large reads do not wait for a whole fetch.
 With no workers the ring thread runs each command as it fetches it, in
 arrival order, so nothing needs ordering.  FUA and SYNCHRONIZE CACHE reach the
 logical unit as such.
@@ -26,6 +29,7 @@ import threading
 from typing import Protocol
 
 from ..backstore import WouldBlock
+from ..scsi.batch import ReadBatch
 from ..scsi.sense import BUSY, HARDWARE_FAILURE
 from .doorbell import EventfdDoorbell, UioDoorbell
 from .ordering import Access, access
@@ -48,9 +52,13 @@ PUBLISH_BYTES = 256 * 1024
 
 class Executor(Protocol):
     """A logical unit: runs one CDB against a transfer (thread-safe; raises nothing
-    but :class:`~gateway.backstore.WouldBlock`, and that only when ``nowait``)."""
+    but :class:`~gateway.backstore.WouldBlock`, and that only when ``nowait``).
 
-    def execute(self, cdb: bytes, xfer: IovecTransfer, *, nowait: bool = False) -> Reply: ...
+    One that also offers ``read_batch()`` (:class:`~gateway.scsi.LogicalUnit`) gets
+    the READs the ring thread tries queued in a batch (see :mod:`gateway.scsi.batch`)."""
+
+    def execute(self, cdb: bytes, xfer: IovecTransfer, *,
+                nowait: bool | ReadBatch = False) -> Reply: ...
 
 
 class RingDevice:
@@ -69,6 +77,11 @@ class RingDevice:
         # or memory backstores where a command never waits long)
         self._pool = Workers(workers, self._work, f"tcmu-{name or 'dev'}") if workers else None
         self._launched: list[Command] = []  # for the pool, handed over once per fetch
+        # READs tried in the ring thread are read and decrypted together (a logical
+        # unit that offers read_batch(), see gateway.scsi.batch); queued: their replies
+        make_batch = getattr(lu, "read_batch", None) if workers else None
+        self._batch = make_batch() if make_batch is not None else None
+        self._queued: list[tuple[Command, Reply]] = []
         self._read_len = self.ring.read_len_supported
         self._finished: collections.deque[tuple[Command, Reply]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -184,22 +197,48 @@ class RingDevice:
                 span = access(item.cdb)
                 if span is not None and (self._waiting or self._blocked(span)):
                     self._waiting.append((item, span))
-                elif span is None or span.writes or not self._inline(item):
+                elif span is None or span.writes or not self._inline(item, span):
                     self._launch(item, span)
                 elif self._inline_bytes >= PUBLISH_BYTES:
                     self._complete()
+        self._run_batch()
         self._hand_over()
 
-    def _inline(self, cmd: Command) -> bool:
-        """Run a READ here if its data is at hand; False: a worker must."""
+    def _inline(self, cmd: Command, span: Access) -> bool:
+        """Run a READ here if its data is at hand (or queue it in the batch); False: a
+        worker must."""
         xfer = IovecTransfer(self.mem, cmd.iovecs)
-        reply = self._execute(cmd, xfer, nowait=True)
+        batch = self._batch
+        queued = len(batch) if batch is not None else 0
+        reply = self._execute(cmd, xfer, nowait=batch if batch is not None else True)
         if reply is None:
             return False
-        self._finished.append((cmd, reply))
-        self.inline += 1
+        if batch is not None and len(batch) > queued:
+            self._queued.append((cmd, reply))
+            self._running[cmd.cmd_id] = span  # until read: later writes to it wait
+        else:
+            self._finished.append((cmd, reply))
+            self.inline += 1
         self._inline_bytes += xfer.length
         return True
+
+    def _run_batch(self) -> None:
+        """Read the queued READs; those the page cache could not serve go to a worker."""
+        if not self._queued:
+            return
+        assert self._batch is not None
+        queued, self._queued = self._queued, []
+        try:
+            done = self._batch.run()
+        except Exception:  # noqa: BLE001 - a worker runs them again and reports
+            _log.exception("TCMU device %s: batched read failed", self.name)
+            done = [False] * len(queued)
+        for (cmd, reply), read in zip(queued, done):
+            if read:
+                self._finished.append((cmd, reply))
+                self.inline += 1
+            else:
+                self._launch(cmd, self._running[cmd.cmd_id])
 
     def _blocked(self, span: Access) -> bool:
         """Whether ``span`` overlaps a running or waiting command and either writes."""
@@ -223,7 +262,7 @@ class RingDevice:
             self._launched = []
 
     def _execute(self, cmd: Command, xfer: IovecTransfer | None = None, *,
-                 nowait: bool = False) -> Reply | None:
+                 nowait: bool | ReadBatch = False) -> Reply | None:
         """The reply to ``cmd``; None when ``nowait`` and it would have waited."""
         if xfer is None:
             xfer = IovecTransfer(self.mem, cmd.iovecs)
@@ -246,23 +285,26 @@ class RingDevice:
             os.eventfd_write(self._wake, 1)
 
     def _complete(self) -> None:
-        self._hand_over()  # mid-fetch: let the workers start on what is launched
+        self._run_batch()  # mid-fetch: what is queued completes now
+        self._hand_over()  # and the workers start on what is launched
         self._inline_bytes = 0
         finished = self._finished
         if not finished:
             return
-        replies = []
         while finished:
-            cmd, reply = finished.popleft()
-            replies.append((cmd.cmd_id, reply.status, reply.sense, reply.data_in_len))
-            if self._running:
-                span = self._running.pop(cmd.cmd_id, None)
-                if span is not None and span.writes:
-                    self._writing -= 1
-        self.ring.complete_all(replies)
-        if self._waiting:
-            self._release()
-            self._hand_over()
+            replies = []
+            while finished:
+                cmd, reply = finished.popleft()
+                replies.append((cmd.cmd_id, reply.status, reply.sense, reply.data_in_len))
+                if self._running:
+                    span = self._running.pop(cmd.cmd_id, None)
+                    if span is not None and span.writes:
+                        self._writing -= 1
+            self.ring.complete_all(replies)
+            if self._waiting:
+                self._release()  # READs it runs here finish now: complete them too
+                self._run_batch()
+                self._hand_over()
         self.ring.skip_to_cursor()
         self.doorbell.kick()
 
@@ -272,5 +314,5 @@ class RingDevice:
         for cmd, span in waiting:  # _blocked sees those still waiting before this one
             if self._blocked(span):
                 self._waiting.append((cmd, span))
-            elif span.writes or not self._inline(cmd):
+            elif span.writes or not self._inline(cmd, span):
                 self._launch(cmd, span)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -50,18 +50,23 @@ def wipe_data_area(backstore: Backstore, data_offset: int,
 
 def _decrypt_read(cipher: crypto.SectorCipher, view: memoryview, lba: int, block_size: int) -> None:
     """Decrypt ciphertext just read; all-zero ciphertext sectors (holes) read as zeroes."""
+    holes = _holes(view, block_size)
+    cipher.decrypt_into(view, lba)
+    if holes is not None:
+        holes[1][holes[0]] = 0
+
+
+def _holes(view: memoryview, block_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(indices, sectors) of the all-zero ciphertext sectors in ``view``, if any."""
     # Only a sector whose first 8 bytes are zero (2**-64 for real ciphertext) can be a
     # hole: one C-speed search over those words usually settles it.
     heads = view.cast("Q")[::block_size // 8].tobytes()
     if bytes(8) not in heads:
-        cipher.decrypt_into(view, lba)
-        return
+        return None
     sectors = np.frombuffer(view, dtype=np.uint64).reshape(-1, block_size // 8)
     maybe = np.flatnonzero(sectors[:, 0] == 0)
     holes = maybe[~sectors[maybe].any(axis=1)]
-    cipher.decrypt_into(view, lba)
-    if holes.size:
-        sectors[holes] = 0
+    return (holes, sectors) if holes.size else None
 
 
 def read_repaired(backstore: Backstore) -> fmt.Header:
@@ -451,6 +456,42 @@ class Volume:
             raise VolumeIOError(str(exc)) from exc
         finally:
             gate.leave_shared()
+
+    def read_cached(self, requests: Sequence[tuple[int, bytearray | memoryview]]) -> list[bool]:
+        """Read each ``(lba, buffer)`` whose data the page cache holds, without waiting
+        for the medium, and decrypt them together (:meth:`SectorCipher.decrypt_many`).
+
+        ``result[i]``: whether request ``i`` was read.  One that was not (its data is
+        not cached, a state change is under way, or any error) has an undefined
+        buffer: :meth:`readinto` reads it and reports the error if there is one."""
+        done = [False] * len(requests)
+        gate = self._gate
+        if not requests or not gate.try_enter_shared():
+            return done
+        try:
+            cipher, read = None, []
+            for i, (lba, buf) in enumerate(requests):
+                view = memoryview(buf).cast("B")
+                try:
+                    nblocks = self._count(len(view))
+                    cipher, offset = self._admit(lba, nblocks)
+                    if nblocks:
+                        self.backstore.preadinto(view, offset, nowait=True)
+                except (VolumeError, BackstoreError, WouldBlock):
+                    continue
+                done[i] = True
+                if cipher is not None and nblocks:
+                    read.append((view, lba))
+            if read:
+                assert cipher is not None  # one state, one cipher, while the gate is held
+                holes = [_holes(view, self._block_size) for view, _ in read]
+                cipher.decrypt_many(read)
+                for found in holes:
+                    if found is not None:
+                        found[1][found[0]] = 0
+        finally:
+            gate.leave_shared()
+        return done
 
     def write(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write whole blocks at ``lba``; never writes without a key."""
