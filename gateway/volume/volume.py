@@ -53,7 +53,8 @@ def _decrypt_read(cipher: crypto.SectorCipher, view: memoryview, lba: int, block
     holes = _holes(view, block_size)
     cipher.decrypt_into(view, lba)
     if holes is not None:
-        holes[1][holes[0]] = 0
+        indices, sectors = holes
+        sectors[indices] = 0
 
 
 def _holes(view: memoryview, block_size: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -488,7 +489,8 @@ class Volume:
                 cipher.decrypt_many(read)
                 for found in holes:
                     if found is not None:
-                        found[1][found[0]] = 0
+                        indices, sectors = found
+                        sectors[indices] = 0
         finally:
             gate.leave_shared()
         return done
