@@ -400,15 +400,20 @@ def _short_views(n: int) -> _Short:
     return shorts[n]
 
 
-def _small(buf: Any, n: int, first_iv: int, tweak_aes: Callable, aes: Callable) -> None:
-    """``buf = aes(buf ^ T) ^ T`` in place over ``n`` 512-byte sectors from ``first_iv``."""
-    short = _short_views(n)
-    np.add(short.steps, _U64(first_iv), out=short.iv_low)  # wraps at 2**64, as plain64
+def _short_tweaks(short: _Short, tweak_aes: Callable) -> None:
+    """``short.tweaks`` from the IVs in ``short.iv_low`` (see above)."""
     tweak_aes(short.iv_bytes, short.encrypted_iv)
     np.right_shift(short.swapped, _CUT, out=short.cuts)  # hi >> 64-b, lo >> 64-b
     np.left_shift(short.cut_hi, _R_SHIFTS, out=short.r_terms)
     np.left_shift(short.base, _B, out=short.shifted)  # lo << b, hi << b
     np.bitwise_xor.reduce(short.terms, axis=0, out=short.tweak_halves)
+
+
+def _small(buf: Any, n: int, first_iv: int, tweak_aes: Callable, aes: Callable) -> None:
+    """``buf = aes(buf ^ T) ^ T`` in place over ``n`` 512-byte sectors from ``first_iv``."""
+    short = _short_views(n)
+    np.add(short.steps, _U64(first_iv), out=short.iv_low)  # wraps at 2**64, as plain64
+    _short_tweaks(short, tweak_aes)
     blocks = np.frombuffer(buf, _U64).reshape(n, 32, 2)
     np.bitwise_xor(blocks, short.tweaks, out=short.work_blocks)
     aes(short.work_in, short.work)
@@ -432,11 +437,7 @@ def _small_many(checked: list[tuple[memoryview, int]], n: int, tweak_aes: Callab
     else:  # each buffer's first IV, plus its sectors' places in it
         np.add(np.repeat(firsts - np.cumsum([0] + counts[:-1], dtype=_U64), counts),
                short.steps, out=short.iv_low)  # all modulo 2**64
-    tweak_aes(short.iv_bytes, short.encrypted_iv)
-    np.right_shift(short.swapped, _CUT, out=short.cuts)
-    np.left_shift(short.cut_hi, _R_SHIFTS, out=short.r_terms)
-    np.left_shift(short.base, _B, out=short.shifted)
-    np.bitwise_xor.reduce(short.terms, axis=0, out=short.tweak_halves)
+    _short_tweaks(short, tweak_aes)
     np.bitwise_xor(short.work_blocks, short.tweaks, out=short.work_blocks)
     aes(short.work_in, short.work)
     np.bitwise_xor(short.work_blocks, short.tweaks, out=short.work_blocks)

@@ -85,10 +85,11 @@ class Metered:
     def execute(self, cdb: bytes, xfer: IovecTransfer, *,
                 nowait: bool | ReadBatch = False) -> Reply:
         start = time.perf_counter_ns()
-        queued = len(nowait) if isinstance(nowait, _MeteredBatch) else -1
+        batch = nowait if isinstance(nowait, _MeteredBatch) else None
+        queued = len(batch) if batch is not None else 0
         reply = self.lu.execute(cdb, xfer, nowait=nowait)  # WouldBlock: nothing to count
-        if isinstance(nowait, _MeteredBatch) and len(nowait) > queued:
-            nowait.started.append((start, reply.data_in_len))  # counted if the batch reads it
+        if batch is not None and len(batch) > queued:
+            batch.started.append((start, reply.data_in_len))  # counted if the batch reads it
             return reply
         elapsed = time.perf_counter_ns() - start
         op = _OP_OF[cdb[0]] if cdb else OTHER
