@@ -4,14 +4,16 @@ XTS encrypts the 16-byte block ``j`` of a sector as ``E_k1(P ^ T_j) ^ T_j``
 with ``T_j = E_k2(IV) * alpha**j`` in GF(2**128); plain64 makes the IV the
 little-endian sector number counted in 512-byte units, plus ``iv_tweak``.
 
-A ``cryptography`` XTS call costs ~5 us of set-up whatever its length, so all
-but the smallest buffers take a batched path: one AES call encrypts every IV
-under k2, numpy expands the results into the tweaks of their sectors (see the
-comment above :class:`_Batch`), and one AES call per chunk does ``E_k1``
-between two xors.  That bulk AES runs on an XTS context whose tweak encrypts to
-zero (:func:`_aes_ecb`).  The batched path's fixed cost (~45-70 us) is paid
-back only from tens of KiB; below that, 512-byte sectors take a short numpy
-route (:func:`_small`, ~12-15 us for 4 KiB) and larger sectors one call each.
+A few sectors take one libcrypto XTS call each, on a context that each thread
+keeps and gives a new IV per sector (:mod:`.evp`: ~1.5-2 us a call).  More
+take a batched path: one AES call encrypts every IV under k2, numpy expands the
+results into the tweaks of their sectors (see the comment above
+:class:`_Batch`), and one AES call per chunk does ``E_k1`` between two xors.
+That bulk AES runs on a ``cryptography`` XTS context whose tweak encrypts to
+zero (:func:`_aes_ecb`): its OpenSSL is over twice as fast in bulk as the
+system's here.  The batched path's fixed cost (~45-70 us) is paid back only
+from tens to hundreds of KiB; below that, 512-byte sectors from 4.5 KiB take
+a short numpy route (:func:`_small`, ~12-15 us for 4 KiB).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .evp import XtsContext, address
 
 __all__ = ["MANY_BYTES", "CryptoError", "SectorCipher"]
 
@@ -39,13 +43,15 @@ _SECTOR_SIZES = (512, 1024, 2048, 4096)
 _KEY_SIZES = (32, 64)
 _U64 = np.uint64
 # From this many bytes the batched path (~45 us fixed for 512-byte sectors, ~70
-# us for larger ones, whose tweak bases need more arithmetic) beats one
-# cryptography XTS call per sector (~5 us each) and, for 512-byte sectors, the
-# short route; from _SMALL_BYTES, 512-byte sectors take the short route (~15 us
-# fixed, ~0.5 us a sector) rather than one call each.  Crossovers measured on the
-# build machine (cryptography 50, numpy 2.4; bench/xts.py).
-_BATCH_BYTES = {512: 24 * 1024, 1024: 14 * 1024, 2048: 16 * 2048, 4096: 20 * 4096}
-_SMALL_BYTES = 4 * 512
+# us for larger ones, whose tweak bases need more arithmetic, then ~1.6-2 us per
+# 4 KiB) beats one libcrypto call per sector (~1.5 us for 512 bytes, ~2 us for
+# 4096) and, for 512-byte sectors, the short route; from _SMALL_BYTES, 512-byte
+# sectors take the short route (~10 us fixed, ~0.5 us a sector) rather than a
+# call each.  Crossovers measured on the build machine (bench/xts.py); a 4 KiB
+# I/O of 512-byte sectors costs the same either way here, and takes the calls,
+# which are much the cheaper in the TCG appliance guest.
+_BATCH_BYTES = {512: 24 * 1024, 1024: 48 * 1024, 2048: 128 * 1024, 4096: 512 * 1024}
+_SMALL_BYTES = 9 * 512
 _SHORT_CAPACITY = _BATCH_BYTES[512] // 512  # sectors: the short route's scratch
 #: the most bytes SectorCipher.decrypt_many takes in one pass
 MANY_BYTES = 256 * 1024
@@ -86,7 +92,6 @@ class SectorCipher:
         self._batch_bytes = _BATCH_BYTES[sector_size]
         # Whether a lone sector takes one cryptography call (the common 4 KiB I/O).
         self._one_call = sector_size < self._batch_bytes and not self._short(sector_size)
-        self._xts = algorithms.AES(self._key)
         self._contexts = threading.local()
 
     def __repr__(self) -> str:
@@ -149,17 +154,13 @@ class SectorCipher:
     def _crypt(self, data: Any, sector: int, encrypt: bool) -> bytes:
         src, iv = self._check(data, sector)
         size = len(src)
-        if size == self.sector_size and self._one_call:
-            # One sector (a 4 KiB I/O): one cryptography call, with no helper
-            # call around it; the Cipher set-up is most of the cost.
-            cipher = Cipher(self._xts, modes.XTS(iv.to_bytes(16, "little")))
-            return (cipher.encryptor() if encrypt else cipher.decryptor()).update(src)
-        if self._short(size):
-            out = bytearray(src)
-            self._small(out, iv, encrypt)
-            return bytes(out)
         if size < self._batch_bytes:
-            return b"".join(self._per_sector(src, iv, encrypt))
+            out = bytearray(src)
+            if self._short(size):
+                self._small(out, iv, encrypt)
+            else:
+                self._per_sector(out, iv, encrypt)
+            return bytes(out)
         # The result is written where it will stay: a BytesIO grown to size (one
         # memset) lends its buffer; getvalue() then hands that buffer over as
         # bytes without a copy, and no 1 MiB scratch sits between the two.
@@ -176,17 +177,17 @@ class SectorCipher:
         if view.readonly:
             raise TypeError("buf must be a writable buffer")
         size = len(view)
-        if size == self.sector_size and self._one_call:  # as in _crypt
-            cipher = Cipher(self._xts, modes.XTS(iv.to_bytes(16, "little")))
-            view[:] = (cipher.encryptor() if encrypt else cipher.decryptor()).update(view)
+        if size == self.sector_size and self._one_call:
+            # One sector (a 4 KiB I/O): one libcrypto call, with no helper around it.
+            contexts = self._thread_contexts()
+            (contexts.xts_encrypt if encrypt else contexts.xts_decrypt).crypt(
+                address(view), size, iv.to_bytes(16, "little"))
             return
         if self._short(size):
             self._small(view, iv, encrypt)
             return
         if size < self._batch_bytes:
-            step = self.sector_size
-            for i, out in enumerate(self._per_sector(view, iv, encrypt)):
-                view[i * step:(i + 1) * step] = out
+            self._per_sector(view, iv, encrypt)
             return
         array = np.frombuffer(view, np.uint8)
         self._batched(array, array, iv, encrypt)
@@ -203,17 +204,18 @@ class SectorCipher:
             raise CryptoError("sector must be in [0, 2**64)")
         return view, (sector * self._iv_step + self._iv_tweak) % (1 << 64)
 
-    # -- one cryptography call per sector ---------------------------------------
+    # -- one libcrypto call per sector --------------------------------------------
 
-    def _per_sector(self, src: memoryview, iv: int, encrypt: bool) -> list[bytes]:
-        size, step = self.sector_size, self._iv_step
-        out = []
-        for offset in range(0, len(src), size):
-            cipher = Cipher(self._xts, modes.XTS(iv.to_bytes(16, "little")))
-            ctx = cipher.encryptor() if encrypt else cipher.decryptor()
-            out.append(ctx.update(src[offset:offset + size]))
+    def _per_sector(self, buf: Any, iv: int, encrypt: bool) -> None:
+        """In place, one XTS call per sector on this thread's context."""
+        if not len(buf):
+            return
+        contexts = self._thread_contexts()
+        crypt = (contexts.xts_encrypt if encrypt else contexts.xts_decrypt).crypt
+        size, step, start = self.sector_size, self._iv_step, address(buf)
+        for offset in range(0, len(buf), size):
+            crypt(start + offset, size, iv.to_bytes(16, "little"))
             iv = (iv + step) % (1 << 64)
-        return out
 
     # -- batched ---------------------------------------------------------------
 
@@ -236,11 +238,14 @@ class SectorCipher:
 
 
 class _Contexts:
-    """One thread's reusable AES-ECB contexts for a key: k1 both ways, k2."""
+    """One thread's reusable libcrypto contexts for a key: XTS both ways, and
+    AES-ECB under k1 both ways and under k2."""
 
     def __init__(self, key: bytearray) -> None:
         view = memoryview(key)
         k1, k2 = view[:len(key) // 2], view[len(key) // 2:]
+        self.xts_encrypt = XtsContext(key, encrypt=True)
+        self.xts_decrypt = XtsContext(key, encrypt=False)
         self.encrypt = _aes_ecb(k1, encrypt=True)
         self.decrypt = _aes_ecb(k1, encrypt=False)
         self.tweak = _aes_ecb(k2, encrypt=True)
