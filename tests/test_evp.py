@@ -94,3 +94,17 @@ def test_address_needs_a_writable_buffer() -> None:
         address(b"read only")
     buf = bytearray(b"abc")
     assert address(buf) == address(memoryview(buf))
+
+
+@pytest.mark.parametrize("sector_size, iv_step", [(512, 1), (4096, 8)])
+def test_crypt_sectors_steps_the_iv_and_wraps(sector_size: int, iv_step: int) -> None:
+    key = bytearray(os.urandom(64))
+    first = 2**64 - 2 * iv_step  # the third sector's IV wraps to 0
+    data = os.urandom(5 * sector_size)
+    buf = bytearray(data)
+    XtsContext(key, encrypt=False).crypt_sectors(address(buf), len(buf), sector_size, first,
+                                                 iv_step)
+    for i in range(5):
+        iv = ((first + i * iv_step) % 2**64).to_bytes(16, "little")
+        part = slice(i * sector_size, (i + 1) * sector_size)
+        assert bytes(buf[part]) == reference(bytes(key), iv, data[part], False)

@@ -208,14 +208,10 @@ class SectorCipher:
 
     def _per_sector(self, buf: Any, iv: int, encrypt: bool) -> None:
         """In place, one XTS call per sector on this thread's context."""
-        if not len(buf):
-            return
-        contexts = self._thread_contexts()
-        crypt = (contexts.xts_encrypt if encrypt else contexts.xts_decrypt).crypt
-        size, step, start = self.sector_size, self._iv_step, address(buf)
-        for offset in range(0, len(buf), size):
-            crypt(start + offset, size, iv.to_bytes(16, "little"))
-            iv = (iv + step) % (1 << 64)
+        if len(buf):
+            contexts = self._thread_contexts()
+            (contexts.xts_encrypt if encrypt else contexts.xts_decrypt).crypt_sectors(
+                address(buf), len(buf), self.sector_size, iv, self._iv_step)
 
     # -- batched ---------------------------------------------------------------
 
