@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 # as in the appliance (whose venv has the system site packages): after the
 # venv's own packages, so the project's pinned versions win.
 DEBIAN_PTH := $(VENV)/.debian-dist-packages-stamp
-APT_PACKAGES := cryptsetup-bin python3 python3-venv util-linux e2fsprogs \
+APT_PACKAGES := cryptsetup-bin python3 python3-venv libssl3 util-linux e2fsprogs \
                 mmdebstrap qemu-system-x86 qemu-utils qemu-block-extra libiscsi-bin \
                 dbus-daemon python3-dbus \
                 targetcli-fb python3-rtslib-fb python3-configshell-fb python3-gi

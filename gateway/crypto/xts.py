@@ -90,7 +90,7 @@ class SectorCipher:
         self._iv_step = sector_size // 512
         self._iv_tweak = iv_tweak
         self._batch_bytes = _BATCH_BYTES[sector_size]
-        # Whether a lone sector takes one cryptography call (the common 4 KiB I/O).
+        # Whether a lone sector takes one libcrypto call (the common 4 KiB I/O).
         self._one_call = sector_size < self._batch_bytes and not self._short(sector_size)
         self._contexts = threading.local()
 
@@ -234,8 +234,9 @@ class SectorCipher:
 
 
 class _Contexts:
-    """One thread's reusable libcrypto contexts for a key: XTS both ways, and
-    AES-ECB under k1 both ways and under k2."""
+    """One thread's reusable contexts for a key: libcrypto XTS both ways (a call
+    per sector), and cryptography AES-ECB under k1 both ways and under k2 (the
+    batched path and the short route)."""
 
     def __init__(self, key: bytearray) -> None:
         view = memoryview(key)
