@@ -16,7 +16,8 @@ kernel's own work is not in it) and, where the project sets one, the
 target.  Each figure is the best of several rounds in which the handler and
 the loop take turns, so that the machine's drift (other jobs on a shared
 box) hits both alike.  Run from the repository root:
-``python bench/tcmu.py [--seconds S] [--rounds R] [--workers N] [--only TEXT]``.
+``python bench/tcmu.py [--seconds S] [--rounds R] [--workers N] [--no-pin-devices]
+[--only TEXT]``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gateway.backstore import open_backstore  # noqa: E402
 from gateway.crypto import SectorCipher  # noqa: E402
 from gateway.scsi import Identity, Limits, LogicalUnit  # noqa: E402
 from gateway.tcmu.device import RingDevice  # noqa: E402
+from gateway.tcmu.handler import least_used_cpu  # noqa: E402
 from gateway.tcmu.doorbell import EventfdDoorbell  # noqa: E402
 from gateway.tcmu.simkernel import RingFull, SimKernel  # noqa: E402
 from gateway.volume import Volume  # noqa: E402
@@ -100,7 +102,8 @@ def _cpu_seconds() -> float:
 
 
 def served_run(volume: Volume, write: bool, size: int, depth: int, randomly: bool,
-               seconds: float, workers: int) -> tuple[float, float]:
+               seconds: float, workers: int,
+               cpus: set[int] | None = None) -> tuple[float, float]:
     """Operations per second through the simulated kernel and the real handler, and
     operations per CPU second of the handler."""
     k = SimKernel(cmdr_size=CMDR, data_size=max(64 << 20, 2 * depth * size), canaries=False)
@@ -108,7 +111,7 @@ def served_run(volume: Volume, write: bool, size: int, depth: int, randomly: boo
     lu = LogicalUnit(volume, Identity(serial="bench"),
                      Limits(max_transfer_blocks=(1 << 20) // volume.block_size))
     dev = RingDevice(memoryview(m), EventfdDoorbell(k.to_handler, k.to_kernel), lu,
-                     workers=workers, name="bench").start()
+                     workers=workers, name="bench", cpus=cpus).start()
     r, w = os.pipe()
     cpu = _cpu_seconds()
     pid = os.fork()
@@ -182,8 +185,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4,
                         help="handler I/O threads per device (default: %(default)s, as "
                              "gatewayd; 0: the ring thread runs every command)")
+    parser.add_argument("--no-pin-devices", dest="pin", action="store_false",
+                        help="let the handler's threads run on any CPU (default: on one, "
+                             "as gatewayd)")
     parser.add_argument("--only", default="", help="run the workloads whose name has this")
     args = parser.parse_args()
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = {least_used_cpu(allowed, [])} if args.pin and len(allowed) > 1 else None
     workloads = [("4 KiB random read, QD32", False, 4096, 32, True),
                  ("4 KiB random write, QD32", True, 4096, 32, True),
                  ("1 MiB sequential read, QD8", False, 1 << 20, 8, False),
@@ -219,14 +227,15 @@ def main() -> int:
                 ours = per_core = base = 0.0
                 for _ in range(args.rounds):
                     rate, core_rate = served_run(volume, write, size, depth, randomly, turn,
-                                                 args.workers)
+                                                 args.workers, cpus)
                     ours, per_core = max(ours, rate), max(per_core, core_rate)
                     base = max(base, loop_run(path, cipher, offset, write, size, randomly, turn))
                 rows.append((f"{kind} {name}", size, ours, per_core, base))
             volume.close()
     print(f"TCMU handler on the simulated kernel vs a plain loop over the same file "
           f"(best of {args.rounds} turns of {args.seconds / args.rounds:g} s, {args.workers} "
-          "workers; per core: over the handler's CPU time)")
+          f"workers, {'on CPU %d' % min(cpus) if cpus else 'on any CPU'}; per core: over the "
+          "handler's CPU time)")
     print(f"{'workload':<42} {'handler':>13} {'per core':>13} {'loop':>13} {'ratio':>6}  target")
     for name, size, ours, per_core, base in rows:
         unit = (lambda v: f"{v:,.0f} IOPS") if size < (1 << 20) else \

@@ -17,7 +17,7 @@ from gateway.backstore import open_backstore
 from gateway.scsi import Identity, Limits, LogicalUnit
 from gateway.tcmu import netlink as nl
 from gateway.tcmu import uio
-from gateway.tcmu.handler import dev_size_of, limits_of, reconfigure
+from gateway.tcmu.handler import dev_size_of, least_used_cpu, limits_of, reconfigure
 from gateway.tcmu.simkernel import SimKernel
 from gateway.volume import Volume
 
@@ -199,3 +199,14 @@ def test_limits_follow_lios_attributes(tmp_path: Path) -> None:
         assert limits_of(device, volume, tmp_path, data_area=64 << 10).max_transfer_blocks == 128
     finally:
         volume.close()
+
+
+def test_devices_spread_over_the_least_used_cpus() -> None:
+    assert least_used_cpu([0, 1, 2, 3], []) == 0
+    assert least_used_cpu([0, 1, 2, 3], [0, 1, 0]) == 2  # the lowest of those unused
+    assert least_used_cpu([0, 1], [0, 1, 0]) == 1
+    assert least_used_cpu([2, 5], [0, 0, 2]) == 5  # CPUs no longer allowed do not count
+    placed: list[int] = []
+    for _ in range(7):
+        placed.append(least_used_cpu([1, 3, 6], placed))
+    assert placed == [1, 3, 6, 1, 3, 6, 1]

@@ -9,6 +9,7 @@ volumes is tested through the same path in test_tcmu_lu.py.
 from __future__ import annotations
 
 import mmap
+import os
 import random
 import struct
 import threading
@@ -244,18 +245,20 @@ def test_variable_length_cdb_is_copied_whole() -> None:
     assert cmd.cdb == cdb
 
 
-def _serve(k: SimKernel, lu: DiskLU, workers: int = 4) -> tuple[RingDevice, mmap.mmap]:
+def _serve(k: SimKernel, lu: DiskLU, workers: int = 4,
+           cpus: set[int] | None = None) -> tuple[RingDevice, mmap.mmap]:
     m = mmap.mmap(k.memfd, k.size)
     dev = RingDevice(memoryview(m), EventfdDoorbell(k.to_handler, k.to_kernel), lu,
-                     workers=workers, name="sim")
+                     workers=workers, name="sim", cpus=cpus)
     return dev.start(), m
 
 
 def run_mix(k: SimKernel, lu: DiskLU, ops: list[tuple[str, int, int]], blocks: int,
-            timeout: float = 30.0, workers: int = 4) -> dict[int, Completion]:
+            timeout: float = 30.0, workers: int = 4,
+            cpus: set[int] | None = None) -> dict[int, Completion]:
     """Queue ``ops`` (read/write, lba, n) as fast as the ring allows; check every result
     against a model that applies writes in queue order."""
-    dev, _m = _serve(k, lu, workers)
+    dev, _m = _serve(k, lu, workers, cpus)
     model = bytearray(blocks * BS)
     expected: dict[int, bytes] = {}
     done: dict[int, Completion] = {}
@@ -399,6 +402,37 @@ def test_overlapping_commands_run_in_arrival_order() -> None:
         run_mix(k, DiskLU(16, jitter=0.003), ops, 16)
     finally:
         k.close()
+
+
+class WhereLU(DiskLU):
+    """Records which thread ran each command, and on which CPUs it could run."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.where: set[tuple[str, frozenset[int]]] = set()
+
+    def execute(self, cdb: bytes, xfer: IovecTransfer, *, nowait: bool = False) -> Reply:
+        self.where.add((threading.current_thread().name.split("-")[1],
+                        frozenset(os.sched_getaffinity(0))))
+        return super().execute(cdb, xfer, nowait=nowait)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning is only seen with two CPUs or more")
+def test_a_devices_threads_run_on_its_cpus() -> None:
+    """The ring thread (READs it tries) and the workers (WRITEs, refused READs) run on
+    the device's CPUs; without them, anywhere the process may."""
+    allowed = sorted(os.sched_getaffinity(0))
+    ops = [("w", i % 60, 4) for i in range(40)] + [("r", i % 60, 4) for i in range(40)]
+    for cpus, expected in (({allowed[-1]}, {allowed[-1]}), (None, set(allowed))):
+        k = SimKernel(cmdr_size=64 << 10, data_size=1 << 20)
+        lu = WhereLU(64, jitter=0.001)
+        try:
+            run_mix(k, lu, ops, 64, cpus=cpus)
+        finally:
+            k.close()
+        assert lu.where == {("ring", frozenset(expected)), ("sim", frozenset(expected))}
+    assert os.sched_getaffinity(0) == set(allowed)
 
 
 def test_unusable_command_gets_a_hardware_error_and_the_ring_goes_on() -> None:

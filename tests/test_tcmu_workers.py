@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import threading
 
 import pytest
 
 from gateway.tcmu.workers import Workers
+
+ALLOWED = sorted(os.sched_getaffinity(0))
 
 
 def test_every_item_runs_once_on_a_pool_thread() -> None:
@@ -81,3 +85,34 @@ def test_shutdown_runs_what_was_queued_then_joins() -> None:
 def test_needs_a_thread() -> None:
     with pytest.raises(ValueError, match="at least one thread"):
         Workers(0, print, "test-pool")
+
+
+def _affinities(cpus: set[int] | None) -> set[frozenset[int]]:
+    """The CPU sets the items of a pool with ``cpus`` ran with."""
+    seen: set[frozenset[int]] = set()
+    done = threading.Semaphore(0)
+
+    def run(item: int) -> None:
+        seen.add(frozenset(os.sched_getaffinity(0)))  # 0: the calling thread
+        done.release()
+
+    pool = Workers(3, run, "pinned", cpus)
+    for _ in range(20):
+        pool.submit(range(5))
+    for _ in range(100):
+        assert done.acquire(timeout=30)
+    pool.shutdown()
+    return seen
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning is only seen with two CPUs or more")
+def test_threads_run_on_the_cpus_given() -> None:
+    assert _affinities({ALLOWED[-1]}) == {frozenset({ALLOWED[-1]})}
+    assert _affinities(None) == {frozenset(ALLOWED)}
+    assert os.sched_getaffinity(0) == set(ALLOWED)  # the caller's own is untouched
+
+
+def test_a_cpu_the_kernel_refuses_is_logged_and_the_items_still_run(caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.WARNING, logger="gateway.tcmu.workers"):
+        assert _affinities({4095}) == {frozenset(ALLOWED)}
+    assert "stays unpinned: CPUs [4095]" in caplog.text

@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     handler = dbus = None
     try:
-        handler = Handler(session.lookups, workers=args.workers,
+        handler = Handler(session.lookups, workers=args.workers, pin=args.pin_devices,
                           beside_runner=args.dbus == "beside-runner").start()
         if args.dbus != "off":
             dbus = TcmuDbusService(cfgstring.SUBTYPE, cfgstring.CONFIG_DESC, cfgstring.check,

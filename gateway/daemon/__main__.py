@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: info")
     p.add_argument("--workers", type=int, metavar="N", help="I/O threads per device "
                    "(default: 4)")
+    p.add_argument("--no-pin-devices", dest="pin_devices", action="store_const", const=False,
+                   help="let each device's threads run on any CPU (default: all of a "
+                        "device's threads on one CPU, devices spread over the CPUs)")
     p.add_argument("--dbus", choices=("standalone", "beside-runner", "off"),
                    help="how targetcli finds the handler (default: standalone); "
                         "beside-runner whenever tcmu-runner runs")
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _KEYS = ("config_dir", "gateway", "socket", "metrics", "log_format", "log_level", "workers",
-         "dbus", "netlink", "lio", "sysfs", "configfs", "watch_interval", "kms_probe_interval",
+         "pin_devices", "dbus", "netlink", "lio", "sysfs", "configfs", "watch_interval", "kms_probe_interval",
          "stop_timeout")
 _PATHS = ("config_dir", "socket", "sysfs", "configfs")
 

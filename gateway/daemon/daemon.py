@@ -50,6 +50,7 @@ class Options:
     socket: Path = DEFAULT_SOCKET
     metrics: tuple[str, int] | None = ("127.0.0.1", 9561)
     workers: int = 4
+    pin_devices: bool = True  # each device's threads on one CPU (RingDevice)
     dbus: str = "standalone"  # standalone, beside-runner, off
     netlink: bool = True
     lio: bool = True  # manage LIO from lio.toml (gateway.daemon.lioconfig)
@@ -72,7 +73,8 @@ class Gatewayd:
         self.lookups = KeyLookupService(self.pool, audit=self.audit,
                                         cache=KeyCache.from_config(self.config))
         self.luns = LunTable(self.lookups)
-        self.handler = Handler(self.lookups, workers=options.workers, sysfs=options.sysfs,
+        self.handler = Handler(self.lookups, workers=options.workers, pin=options.pin_devices,
+                               sysfs=options.sysfs,
                                configfs=options.configfs, volumes=self.luns, wrap=self._meter,
                                beside_runner=options.dbus == "beside-runner")
         self.watcher = HeaderWatcher(self.luns.all, options.watch_interval)

@@ -14,11 +14,13 @@ the event itself (configfs shows the new value only after the event).
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -152,6 +154,12 @@ def _no_netlink_replies() -> None:
                    "created without nl_reply_supported=-1 may hang in enable", exc)
 
 
+def least_used_cpu(allowed: Sequence[int], in_use: Iterable[int]) -> int:
+    """Of ``allowed``, the CPU that appears least in ``in_use`` (the lowest on a tie)."""
+    counts = collections.Counter(in_use)
+    return min(allowed, key=lambda cpu: (counts[cpu], cpu))
+
+
 class Handler:
     """Serves every ``user:evlu`` device of this host."""
 
@@ -159,14 +167,17 @@ class Handler:
                  sysfs: Path = SYSFS_UIO, configfs: Path = CONFIGFS_CORE,
                  volumes: VolumeSource | None = None,
                  wrap: Callable[[str, LogicalUnit], Executor] | None = None,
-                 beside_runner: bool = False) -> None:
+                 beside_runner: bool = False, pin: bool = True) -> None:
         """``volumes``: where volumes come from (default: each device its own);
         ``wrap(so_name, lu)``: what the ring executes instead of ``lu`` (e.g. a meter);
-        ``beside_runner``: a tcmu-runner serves other subtypes on this host."""
+        ``beside_runner``: a tcmu-runner serves other subtypes on this host;
+        ``pin``: run each device's threads on one CPU, the one of this process's
+        that serves the fewest devices (see :class:`RingDevice`)."""
         self.key_source = key_source
         self.volumes = volumes or OwnVolumes(key_source)
         self.wrap = wrap
         self.workers = workers
+        self.pin = pin
         self.beside_runner = beside_runner
         self.sysfs, self.configfs = sysfs, configfs
         self.served: dict[str, Served] = {}  # by uio name
@@ -234,19 +245,29 @@ class Handler:
                                  limits_of(device, volume, self.configfs, data_area))
                 executor = self.wrap(device.so_name, lu) if self.wrap else lu
                 ring = RingDevice(mapping.mem, UioDoorbell(mapping.fd), executor,
-                                  workers=self.workers, name=device.so_name).start()
+                                  workers=self.workers, name=device.so_name,
+                                  cpus=self._cpu_for_next()).start()
             except (RingError, OSError, ValueError) as exc:
                 _log.error("%s: cannot serve: %s", device.so_name, exc)
                 mapping.close()
                 self.volumes.release(volume, device.so_name)
                 return None
             served = self.served[name] = Served(device, volume, lu, mapping, ring)
-            _log.info("%s: serving %s (%s)", device.so_name, config.path, volume.state.value)
+            _log.info("%s: serving %s (%s)%s", device.so_name, config.path, volume.state.value,
+                      f" on CPU {min(ring.cpus)}" if ring.cpus else "")
             if size is not None and volume.num_blocks * volume.block_size < size:
                 _log.warning("%s: LIO's dev_size is %d bytes but %s holds %d: serving those",
                              device.so_name, size, config.path,
                              volume.num_blocks * volume.block_size)
             return served
+
+    def _cpu_for_next(self) -> set[int] | None:
+        """The CPU for a new device's threads (see ``pin``); None with one CPU or none."""
+        allowed = sorted(os.sched_getaffinity(0))
+        if not self.pin or len(allowed) < 2:
+            return None
+        in_use = [cpu for served in self.served.values() for cpu in served.ring.cpus or ()]
+        return {least_used_cpu(allowed, in_use)}
 
     def detach(self, name: str, timeout: float | None = None) -> None:
         with self._lock:

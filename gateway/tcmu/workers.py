@@ -11,20 +11,27 @@ idle threads take the rest.
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import queue
 import threading
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import AbstractSet, Callable, Generic, Sequence, TypeVar
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
 class Workers(Generic[T]):
-    """``count`` daemon threads that run ``run(item)`` for every submitted item."""
+    """``count`` daemon threads that run ``run(item)`` for every submitted item
+    (on ``cpus`` only, when given: see :func:`pin_thread`)."""
 
-    def __init__(self, count: int, run: Callable[[T], None], name: str) -> None:
+    def __init__(self, count: int, run: Callable[[T], None], name: str,
+                 cpus: AbstractSet[int] | None = None) -> None:
         if count < 1:
             raise ValueError("a pool needs at least one thread")
         self._run = run
+        self._cpus = cpus
         self._items: collections.deque[T] = collections.deque()
         # A token wakes one thread; a surplus token (its items already taken by
         # another thread) costs that thread one look at an empty queue.
@@ -49,6 +56,8 @@ class Workers(Generic[T]):
                 thread.join()
 
     def _loop(self) -> None:
+        if self._cpus is not None:
+            pin_thread(self._cpus)
         items, run = self._items, self._run
         while self._tokens.get():
             while True:
@@ -57,3 +66,13 @@ class Workers(Generic[T]):
                 except IndexError:
                     break
                 run(item)
+
+
+def pin_thread(cpus: AbstractSet[int]) -> None:
+    """Keep the calling thread on ``cpus``; logged, not raised, when the kernel refuses
+    (a CPU gone offline, or outside the process's cpuset)."""
+    try:
+        os.sched_setaffinity(0, cpus)  # 0: this thread, not the whole process
+    except OSError as exc:
+        _log.warning("thread %s stays unpinned: CPUs %s: %s",
+                     threading.current_thread().name, sorted(cpus), exc)
