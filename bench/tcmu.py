@@ -16,7 +16,7 @@ kernel's own work is not in it) and, where the project sets one, the
 target.  Each figure is the best of several rounds in which the handler and
 the loop take turns, so that the machine's drift (other jobs on a shared
 box) hits both alike.  Run from the repository root:
-``python bench/tcmu.py [--seconds S] [--rounds R] [--workers N] [--no-pin-devices]
+``python bench/tcmu.py [--seconds S] [--rounds R] [--workers N] [--pin-devices]
 [--only TEXT]``.
 """
 
@@ -185,9 +185,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4,
                         help="handler I/O threads per device (default: %(default)s, as "
                              "gatewayd; 0: the ring thread runs every command)")
-    parser.add_argument("--no-pin-devices", dest="pin", action="store_false",
-                        help="let the handler's threads run on any CPU (default: on one, "
-                             "as gatewayd)")
+    parser.add_argument("--pin-devices", dest="pin", action="store_true",
+                        help="run the handler's threads on one CPU (gatewayd "
+                             "--pin-devices)")
     parser.add_argument("--only", default="", help="run the workloads whose name has this")
     args = parser.parse_args()
     allowed = sorted(os.sched_getaffinity(0))

@@ -94,10 +94,10 @@ def test_options_from_a_toml_file_under_the_command_line(tmp_path: Path) -> None
             options.netlink, log_format) == (Path("/run/x/c.sock"), 2, None, 2, False, "text")
     options, log_format, _ = resolve(build_parser().parse_args(["--metrics", "[::1]:9000"]))
     assert options.metrics == ("::1", 9000) and log_format == "json" and options.netlink
-    assert options.pin_devices  # the default
-    assert not resolve(build_parser().parse_args(["--no-pin-devices"]))[0].pin_devices
-    conf.write_text("pin-devices = false\n")
-    assert not resolve(build_parser().parse_args(["--config", str(conf)]))[0].pin_devices
+    assert not options.pin_devices  # the default
+    assert resolve(build_parser().parse_args(["--pin-devices"]))[0].pin_devices
+    conf.write_text("pin-devices = true\n")
+    assert resolve(build_parser().parse_args(["--config", str(conf)]))[0].pin_devices
     conf.write_text("colour = 1\n")
     with pytest.raises(SystemExit, match="unknown option"):
         resolve(build_parser().parse_args(["--config", str(conf)]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +18,7 @@ from gateway.backstore import open_backstore
 from gateway.scsi import Identity, Limits, LogicalUnit
 from gateway.tcmu import netlink as nl
 from gateway.tcmu import uio
-from gateway.tcmu.handler import dev_size_of, least_used_cpu, limits_of, reconfigure
+from gateway.tcmu.handler import Handler, dev_size_of, least_used_cpu, limits_of, reconfigure
 from gateway.tcmu.simkernel import SimKernel
 from gateway.volume import Volume
 
@@ -202,11 +203,24 @@ def test_limits_follow_lios_attributes(tmp_path: Path) -> None:
 
 
 def test_devices_spread_over_the_least_used_cpus() -> None:
-    assert least_used_cpu([0, 1, 2, 3], []) == 0
-    assert least_used_cpu([0, 1, 2, 3], [0, 1, 0]) == 2  # the lowest of those unused
-    assert least_used_cpu([0, 1], [0, 1, 0]) == 1
-    assert least_used_cpu([2, 5], [0, 0, 2]) == 5  # CPUs no longer allowed do not count
+    assert least_used_cpu([0, 1, 2, 3], []) == 3  # ties: the highest, away from CPU 0
+    assert least_used_cpu([0, 1, 2, 3], [3, 2, 3]) == 1  # the highest of those unused
+    assert least_used_cpu([0, 1], [0, 1, 1]) == 0
+    assert least_used_cpu([2, 5], [5, 5, 2, 9]) == 2  # CPUs no longer allowed do not count
     placed: list[int] = []
     for _ in range(7):
         placed.append(least_used_cpu([1, 3, 6], placed))
-    assert placed == [1, 3, 6, 1, 3, 6, 1]
+    assert placed == [6, 3, 1, 6, 3, 1, 6]
+
+
+def test_the_handler_pins_new_devices_only_when_asked() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert Handler(None)._cpu_for_next() is None  # the default: the scheduler places them
+    pinned = Handler(None, pin=True)
+    if len(allowed) < 2:
+        assert pinned._cpu_for_next() is None  # nothing to choose between
+        return
+    first = pinned._cpu_for_next()
+    assert first == {allowed[-1]}
+    pinned.served["a"] = SimpleNamespace(ring=SimpleNamespace(cpus=first))  # type: ignore[assignment]
+    assert pinned._cpu_for_next() == {allowed[-2]}

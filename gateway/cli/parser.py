@@ -221,9 +221,9 @@ def _tcmu(sub: Any, common: argparse.ArgumentParser) -> None:
                                     "and those created later (netlink), with keys from the KMS.")
     p.add_argument("--workers", type=int, default=4, help="I/O threads per device "
                                                           "(default: %(default)s)")
-    p.add_argument("--no-pin-devices", dest="pin_devices", action="store_false",
-                   help="let each device's threads run on any CPU (default: all of a "
-                        "device's threads on one CPU, devices spread over the CPUs)")
+    p.add_argument("--pin-devices", action="store_true",
+                   help="run all of a device's threads on one CPU, devices spread over "
+                        "the CPUs (cheaper small I/O, slower large encrypted I/O)")
     p.add_argument("--dbus", choices=("standalone", "beside-runner", "off"), default="standalone",
                    help="how targetcli finds the handler: own org.kernel.TCMUService1 "
                         "(standalone), register with tcmu-runner (beside-runner: use it "

@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: info")
     p.add_argument("--workers", type=int, metavar="N", help="I/O threads per device "
                    "(default: 4)")
-    p.add_argument("--no-pin-devices", dest="pin_devices", action="store_const", const=False,
-                   help="let each device's threads run on any CPU (default: all of a "
-                        "device's threads on one CPU, devices spread over the CPUs)")
+    p.add_argument("--pin-devices", action="store_const", const=True,
+                   help="run all of a device's threads on one CPU, devices spread over "
+                        "the CPUs (cheaper small I/O, slower large encrypted I/O; "
+                        "default: off)")
     p.add_argument("--dbus", choices=("standalone", "beside-runner", "off"),
                    help="how targetcli finds the handler (default: standalone); "
                         "beside-runner whenever tcmu-runner runs")

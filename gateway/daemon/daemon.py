@@ -50,7 +50,7 @@ class Options:
     socket: Path = DEFAULT_SOCKET
     metrics: tuple[str, int] | None = ("127.0.0.1", 9561)
     workers: int = 4
-    pin_devices: bool = True  # each device's threads on one CPU (RingDevice)
+    pin_devices: bool = False  # each device's threads on one CPU (RingDevice)
     dbus: str = "standalone"  # standalone, beside-runner, off
     netlink: bool = True
     lio: bool = True  # manage LIO from lio.toml (gateway.daemon.lioconfig)

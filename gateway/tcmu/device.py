@@ -69,7 +69,9 @@ class RingDevice:
                  cpus: AbstractSet[int] | None = None) -> None:
         """``cpus``: where the ring thread and the workers run (None: anywhere).
         One CPU for them all makes each hand-off a switch on that CPU, not a
-        wake-up of another: it halves what a worker's command costs."""
+        wake-up of another (a worker's 4 KiB write then costs half the CPU time
+        on the build machine), but the device's XTS can no longer run on two
+        CPUs at once (which large encrypted I/O on slow AES needs)."""
         self.ring = Ring(mem)
         if not self.ring.out_of_order:
             raise RingError("this kernel lacks out-of-order TCMU completion")

@@ -155,9 +155,10 @@ def _no_netlink_replies() -> None:
 
 
 def least_used_cpu(allowed: Sequence[int], in_use: Iterable[int]) -> int:
-    """Of ``allowed``, the CPU that appears least in ``in_use`` (the lowest on a tie)."""
+    """Of ``allowed``, the CPU that appears least in ``in_use``; on a tie the highest
+    (CPU 0 takes most interrupts and housekeeping)."""
     counts = collections.Counter(in_use)
-    return min(allowed, key=lambda cpu: (counts[cpu], cpu))
+    return min(allowed, key=lambda cpu: (counts[cpu], -cpu))
 
 
 class Handler:
@@ -167,12 +168,13 @@ class Handler:
                  sysfs: Path = SYSFS_UIO, configfs: Path = CONFIGFS_CORE,
                  volumes: VolumeSource | None = None,
                  wrap: Callable[[str, LogicalUnit], Executor] | None = None,
-                 beside_runner: bool = False, pin: bool = True) -> None:
+                 beside_runner: bool = False, pin: bool = False) -> None:
         """``volumes``: where volumes come from (default: each device its own);
         ``wrap(so_name, lu)``: what the ring executes instead of ``lu`` (e.g. a meter);
         ``beside_runner``: a tcmu-runner serves other subtypes on this host;
         ``pin``: run each device's threads on one CPU, the one of this process's
-        that serves the fewest devices (see :class:`RingDevice`)."""
+        that serves the fewest devices (see :class:`RingDevice`: cheaper hand-offs,
+        but a device's crypto no longer spreads over CPUs)."""
         self.key_source = key_source
         self.volumes = volumes or OwnVolumes(key_source)
         self.wrap = wrap
