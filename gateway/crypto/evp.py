@@ -74,10 +74,8 @@ class XtsContext:
     ``length`` bytes.
     """
 
-    def __init__(self, key: bytearray | memoryview, *, encrypt: bool,
-                 iv: bytes | None = None) -> None:
-        """``key`` (both halves; writable, as it is read in place, not copied);
-        ``iv`` fixed for :meth:`update`, or None to give one per :meth:`crypt`."""
+    def __init__(self, key: bytearray | memoryview, *, encrypt: bool) -> None:
+        """``key``: both halves; writable, as it is read in place, not copied."""
         name = _ALGORITHMS.get(memoryview(key).nbytes)
         if name is None:
             raise EvpError("an XTS key is 32 or 64 bytes")
@@ -92,7 +90,7 @@ class XtsContext:
             self._ctx = _LIB.EVP_CIPHER_CTX_new()
             if not self._ctx:
                 raise MemoryError("EVP_CIPHER_CTX_new failed")
-            if _INIT(self._ctx, cipher, None, ctypes.addressof(key_start), iv,
+            if _INIT(self._ctx, cipher, None, ctypes.addressof(key_start), None,
                      1 if encrypt else 0) != 1:
                 raise EvpError("libcrypto refused the XTS key (are its halves equal?)")
         except BaseException:
@@ -136,12 +134,3 @@ class XtsContext:
                 _LIB.ERR_clear_error()
                 raise EvpError("libcrypto refused an XTS call")
             iv = (iv + iv_step) & 0xFFFF_FFFF_FFFF_FFFF
-
-    def update(self, src: int, dst: int, length: int) -> None:
-        """XTS from ``src`` to ``dst`` (may be equal) with the IV given at creation."""
-        ctx = self._ctx
-        if ctx is None:
-            raise EvpError("the XTS context is closed")
-        if _UPDATE(ctx, dst, self._out_len_address, src, length) != 1:
-            _LIB.ERR_clear_error()
-            raise EvpError("libcrypto refused an XTS call")
