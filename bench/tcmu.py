@@ -40,8 +40,8 @@ from gateway.backstore import open_backstore  # noqa: E402
 from gateway.crypto import SectorCipher  # noqa: E402
 from gateway.scsi import Identity, Limits, LogicalUnit  # noqa: E402
 from gateway.tcmu.device import RingDevice  # noqa: E402
-from gateway.tcmu.handler import least_used_cpu  # noqa: E402
 from gateway.tcmu.doorbell import EventfdDoorbell  # noqa: E402
+from gateway.tcmu.handler import least_used_cpu  # noqa: E402
 from gateway.tcmu.simkernel import RingFull, SimKernel  # noqa: E402
 from gateway.volume import Volume  # noqa: E402
 

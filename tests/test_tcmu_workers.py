@@ -112,7 +112,8 @@ def test_threads_run_on_the_cpus_given() -> None:
     assert os.sched_getaffinity(0) == set(ALLOWED)  # the caller's own is untouched
 
 
-def test_a_cpu_the_kernel_refuses_is_logged_and_the_items_still_run(caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_cpu_the_kernel_refuses_is_logged_and_the_items_still_run(
+        caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="gateway.tcmu.workers"):
         assert _affinities({4095}) == {frozenset(ALLOWED)}
     assert "stays unpinned: CPUs [4095]" in caplog.text

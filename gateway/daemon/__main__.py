@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _KEYS = ("config_dir", "gateway", "socket", "metrics", "log_format", "log_level", "workers",
-         "pin_devices", "dbus", "netlink", "lio", "sysfs", "configfs", "watch_interval", "kms_probe_interval",
-         "stop_timeout")
+         "pin_devices", "dbus", "netlink", "lio", "sysfs", "configfs", "watch_interval",
+         "kms_probe_interval", "stop_timeout")
 _PATHS = ("config_dir", "socket", "sysfs", "configfs")
 
 

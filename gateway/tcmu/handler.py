@@ -265,8 +265,10 @@ class Handler:
 
     def _cpu_for_next(self) -> set[int] | None:
         """The CPU for a new device's threads (see ``pin``); None with one CPU or none."""
+        if not self.pin:
+            return None
         allowed = sorted(os.sched_getaffinity(0))
-        if not self.pin or len(allowed) < 2:
+        if len(allowed) < 2:
             return None
         in_use = [cpu for served in self.served.values() for cpu in served.ring.cpus or ()]
         return {least_used_cpu(allowed, in_use)}
