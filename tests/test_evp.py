@@ -97,3 +97,29 @@ def test_crypt_sectors_steps_the_iv_and_wraps(sector_size: int, iv_step: int) ->
         iv = ((first + i * iv_step) % 2**64).to_bytes(16, "little")
         part = slice(i * sector_size, (i + 1) * sector_size)
         assert bytes(buf[part]) == reference(bytes(key), iv, data[part], False)
+
+
+def test_crypt_sectors_from_another_buffer() -> None:
+    key = bytearray(os.urandom(64))
+    data = os.urandom(3 * 4096)
+    source, out = bytearray(data), bytearray(len(data))
+    XtsContext(key, encrypt=True).crypt_sectors(address(out), len(out), 4096, 80, 8,
+                                                src=address(source))
+    assert source == data  # the input is only read
+    for i in range(3):
+        part = slice(i * 4096, (i + 1) * 4096)
+        iv = (80 + 8 * i).to_bytes(16, "little")
+        assert bytes(out[part]) == reference(bytes(key), iv, data[part], True)
+
+
+@pytest.mark.parametrize("length, iv", [(0, bytes(16)), (1 << 31, bytes(16)),
+                                        (512, bytes(8)), (512, bytes(17))])
+def test_call_sizes_checked_before_libcrypto(length: int, iv: bytes) -> None:
+    context = XtsContext(bytearray(os.urandom(64)), encrypt=True)
+    buf = bytearray(512)
+    with pytest.raises(EvpError, match="1 to"):
+        context.crypt(address(buf), length, iv)
+    for sector_size in (0, 1 << 31):
+        with pytest.raises(EvpError, match="1 to"):
+            context.crypt_sectors(address(buf), 512, sector_size, 0, 1)
+    assert buf == bytearray(512)

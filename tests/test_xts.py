@@ -33,10 +33,11 @@ def reference(key: bytes, data: bytes, sector: int, sector_size: int, iv_tweak: 
 
 @pytest.fixture(params=["dispatch", "batched", "short"])
 def path(request, monkeypatch):
-    """Run a test as shipped, again with every size on the batched path, and again
-    with every 512-byte-sector buffer on the short route."""
+    """Run a test as shipped, again with every size on the batched path (which
+    4096-byte sectors never take), and again with every 512-byte-sector buffer on
+    the short route."""
     if request.param == "batched":
-        monkeypatch.setattr(xts, "_BATCH_BYTES", dict.fromkeys(SECTOR_SIZES, 0))
+        monkeypatch.setattr(xts, "_BATCH_BYTES", dict.fromkeys(SECTOR_SIZES[:-1], 0))
     elif request.param == "short":
         monkeypatch.setattr(xts, "_SMALL_BYTES", 0)
         monkeypatch.setattr(xts, "_BATCH_BYTES", dict.fromkeys(SECTOR_SIZES, 1 << 62))
@@ -281,8 +282,9 @@ def test_one_sector(size: int, sector: int, iv_tweak: int, path: str) -> None:
 @pytest.mark.parametrize("edge", ["small", "batch", "chunk", "span"])
 @pytest.mark.parametrize("delta", [-1, 0, 1])
 def test_sizes_straddling_thresholds(size: int, edge: str, delta: int) -> None:
-    """One sector either side of the short route, the batched path, a chunk and a span."""
-    limit = {"small": xts._SMALL_BYTES, "batch": xts._BATCH_BYTES[size],
+    """One sector either side of the short route, the batched path (4096-byte
+    sectors: 4 MiB of calls), a chunk and a span."""
+    limit = {"small": xts._SMALL_BYTES, "batch": xts._BATCH_BYTES.get(size, 4 * xts._SPAN),
              "chunk": xts._CHUNK, "span": xts._SPAN}[edge]
     nsectors = max(1, -(-limit // size) + delta)
     key, data = os.urandom(64), os.urandom(nsectors * size)
@@ -340,6 +342,18 @@ def test_accepts_any_bytes_like_input(path: str) -> None:
     with SectorCipher(memoryview(key)) as cipher:
         for value in (data, bytearray(data), memoryview(data), memoryview(data).cast("Q")):
             assert cipher.encrypt(value, 0) == expected
+
+
+@pytest.mark.parametrize("size", SECTOR_SIZES)
+def test_encrypt_reads_an_unaligned_read_only_slice(size: int, path: str) -> None:
+    """encrypt()/decrypt() read their input where it lies and write only their result."""
+    key, data = os.urandom(64), os.urandom(3 + 5 * size)
+    before = bytes(bytearray(data))
+    with SectorCipher(key, size) as cipher:
+        encrypted = cipher.encrypt(memoryview(data)[3:], 41)
+        assert encrypted == reference(key, data[3:], 41, size)
+        assert cipher.decrypt(memoryview(b"." + encrypted)[1:], 41) == data[3:]
+    assert data == before
 
 
 def test_threads_share_a_cipher() -> None:

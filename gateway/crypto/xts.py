@@ -4,16 +4,16 @@ XTS encrypts the 16-byte block ``j`` of a sector as ``E_k1(P ^ T_j) ^ T_j``
 with ``T_j = E_k2(IV) * alpha**j`` in GF(2**128); plain64 makes the IV the
 little-endian sector number counted in 512-byte units, plus ``iv_tweak``.
 
-A few sectors take one libcrypto XTS call each, on a context that each thread
-keeps and gives a new IV per sector (:mod:`.evp`: ~1.5-2 us a call).  More
-take a batched path: one AES call encrypts every IV under k2, numpy expands the
-results into the tweaks of their sectors (see the comment above
-:class:`_Batch`), and one AES call per chunk does ``E_k1`` between two xors.
-That bulk AES runs on a ``cryptography`` XTS context whose tweak encrypts to
-zero (:func:`_aes_ecb`): its OpenSSL is over twice as fast in bulk as the
-system's here.  The batched path's fixed cost (~45-70 us) is paid back only
-from tens to hundreds of KiB; below that, 512-byte sectors from 4.5 KiB take
-a short numpy route (:func:`_small`, ~12-15 us for 4 KiB).
+4096-byte sectors, and a few smaller ones, take one libcrypto XTS call each,
+on a context that each thread keeps and gives a new IV per sector (:mod:`.evp`:
+~1.5-2 us a call).  More take a batched path: one AES call encrypts every IV
+under k2, numpy expands the results into the tweaks of their sectors (see the
+comment above :class:`_Batch`), and one AES call per chunk does ``E_k1``
+between two xors.  That bulk AES runs on a ``cryptography`` XTS context whose
+tweak encrypts to zero (:func:`_aes_ecb`): its OpenSSL is over twice as fast in
+bulk as the system's here.  The batched path's fixed cost (~45-70 us) is paid
+back only from tens to hundreds of KiB; below that, 512-byte sectors from 4.5
+KiB take a short numpy route (:func:`_small`, ~12-15 us for 4 KiB).
 """
 
 from __future__ import annotations
@@ -44,14 +44,19 @@ _KEY_SIZES = (32, 64)
 _U64 = np.uint64
 # From this many bytes the batched path (~45 us fixed for 512-byte sectors, ~70
 # us for larger ones, whose tweak bases need more arithmetic, then ~1.6-2 us per
-# 4 KiB) beats one libcrypto call per sector (~1.5 us for 512 bytes, ~2 us for
+# 4 KiB) beats one libcrypto call per sector (~1.5 us for 512 bytes, ~1.8 us for
 # 4096) and, for 512-byte sectors, the short route; from _SMALL_BYTES, 512-byte
 # sectors take the short route (~10 us fixed, ~0.5 us a sector) rather than a
-# call each.  Crossovers measured on the build machine (bench/xts.py); a 4 KiB
-# I/O of 512-byte sectors costs the same either way here, and takes the calls,
-# which are much the cheaper in the TCG appliance guest.
-_BATCH_BYTES = {512: 24 * 1024, 1024: 48 * 1024, 2048: 128 * 1024, 4096: 512 * 1024}
+# call each.  4096-byte sectors take a call each at every size: level with the
+# batched path for 1 MiB (467 against 483 us), ahead below.  Crossovers measured
+# on the build machine (bench/xts.py); a 4 KiB I/O of 512-byte sectors costs the
+# same either way here, and takes the calls, which are much the cheaper in the
+# TCG appliance guest.
+_BATCH_BYTES = {512: 24 * 1024, 1024: 64 * 1024, 2048: 160 * 1024}
 _SMALL_BYTES = 9 * 512
+# Below this, encrypt()/decrypt() copy the input and work in place: two copies
+# cost less than finding a read-only buffer's address (~2.5 us through numpy).
+_COPY_BYTES = 64 * 1024
 _SHORT_CAPACITY = _BATCH_BYTES[512] // 512  # sectors: the short route's scratch
 #: the most bytes SectorCipher.decrypt_many takes in one pass
 MANY_BYTES = 256 * 1024
@@ -89,7 +94,7 @@ class SectorCipher:
         self.sector_size = sector_size
         self._iv_step = sector_size // 512
         self._iv_tweak = iv_tweak
-        self._batch_bytes = _BATCH_BYTES[sector_size]
+        self._batch_bytes = _BATCH_BYTES.get(sector_size, sys.maxsize)
         # Whether a lone sector takes one libcrypto call (the common 4 KiB I/O).
         self._one_call = sector_size < self._batch_bytes and not self._short(sector_size)
         self._contexts = threading.local()
@@ -154,29 +159,36 @@ class SectorCipher:
     def _crypt(self, data: Any, sector: int, encrypt: bool) -> bytes:
         src, iv = self._check(data, sector)
         size = len(src)
-        if size < self._batch_bytes:
+        if size < min(self._batch_bytes, _COPY_BYTES):
             out = bytearray(src)
-            if self._short(size):
-                self._small(out, iv, encrypt)
-            else:
-                self._per_sector(out, iv, encrypt)
+            self._in_place(out, iv, encrypt)
             return bytes(out)
         # The result is written where it will stay: a BytesIO grown to size (one
         # memset) lends its buffer; getvalue() then hands that buffer over as
-        # bytes without a copy, and no 1 MiB scratch sits between the two.
+        # bytes without a copy, and no scratch copy sits between the two.
         result = io.BytesIO()
         result.seek(size - 1)
         result.write(b"\0")
         view = result.getbuffer()
-        self._batched(np.frombuffer(src, np.uint8), np.frombuffer(view, np.uint8), iv, encrypt)
-        view.release()  # the array above is gone: getvalue() need not copy
+        source = np.frombuffer(src, np.uint8)
+        if size < self._batch_bytes:
+            self._per_sector(view, iv, encrypt, source.ctypes.data)
+        else:
+            self._batched(source, np.frombuffer(view, np.uint8), iv, encrypt)
+        del source
+        view.release()  # nothing else holds the buffer: getvalue() need not copy
         return result.getvalue()
 
     def _crypt_into(self, buf: Any, sector: int, encrypt: bool) -> None:
         view, iv = self._check(buf, sector)
         if view.readonly:
             raise TypeError("buf must be a writable buffer")
+        self._in_place(view, iv, encrypt)
+
+    def _in_place(self, view: memoryview | bytearray, iv: int, encrypt: bool) -> None:
         size = len(view)
+        if not size:
+            return
         if size == self.sector_size and self._one_call:
             # One sector (a 4 KiB I/O): one libcrypto call, with no helper around it.
             contexts = self._thread_contexts()
@@ -206,12 +218,12 @@ class SectorCipher:
 
     # -- one libcrypto call per sector --------------------------------------------
 
-    def _per_sector(self, buf: Any, iv: int, encrypt: bool) -> None:
-        """In place, one XTS call per sector on this thread's context."""
-        if len(buf):
-            contexts = self._thread_contexts()
-            (contexts.xts_encrypt if encrypt else contexts.xts_decrypt).crypt_sectors(
-                address(buf), len(buf), self.sector_size, iv, self._iv_step)
+    def _per_sector(self, buf: Any, iv: int, encrypt: bool, src: int | None = None) -> None:
+        """One XTS call per sector on this thread's context: in place, or from
+        the address ``src`` (a buffer of the same length) into ``buf``."""
+        contexts = self._thread_contexts()
+        (contexts.xts_encrypt if encrypt else contexts.xts_decrypt).crypt_sectors(
+            address(buf), len(buf), self.sector_size, iv, self._iv_step, src)
 
     # -- batched ---------------------------------------------------------------
 
@@ -457,32 +469,28 @@ def _batch() -> _Batch:
     return batch
 
 
-# The shifts of M1 (1, 2, 7) and M2 (2, 4, 14) side by side (see _group_bases).
-_M12_SHIFTS = np.array([[1, 2], [2, 4], [7, 14]], _U64).reshape(3, 2, 1, 1)
-
-
 def _group_bases(sector_bases: np.ndarray, bases: np.ndarray, tmp: np.ndarray) -> None:
-    """``bases[:, s, m] = sector_bases[s] * alpha**(32 m)``: the (lo, hi) of 32-block groups.
+    """``bases[:, s, m] = sector_bases[s] * alpha**(32 m)``: the (lo, hi) of the
+    32-block groups of 1024- or 2048-byte sectors (m < 4).
 
     In 32-bit limbs, multiplying by alpha**32 moves every limb up one place, and
     a limb c that reaches place 4 + j (x**128 = x**7 + x**2 + x + 1) comes back
-    at place j as M1(c) = c ^ c << 1 ^ c << 2 ^ c << 7, or from place 8 + j as
-    M2(c) = M1(M1(c)) = c ^ c << 2 ^ c << 4 ^ c << 14.  Keeping those values
-    whole (39 and 46 bits) in uint64 lanes, limb p of the group m base is lane
-    3 - p + m of one sequence z = (v3 .. v0, M1(v3 .. v0), M2(v3 .. v0)) over the
-    limbs v of the sector's base.  A lane's bits beyond 32 belong to the next
-    limb; those of limb 3 (M1 lanes, in groups 4 and up) wrap round to limb 0.
+    at place j as M1(c) = c ^ c << 1 ^ c << 2 ^ c << 7.  Keeping those values
+    whole (39 bits) in uint64 lanes, limb p of the group m base is lane 3 - p + m
+    of one sequence z = (v3 .. v0, M1(v3 .. v0)) over the limbs v of the sector's
+    base.  A lane's bits beyond 32 belong to the next limb; limb 3 is a plain
+    limb in groups 0 to 3, so nothing wraps round to limb 0.
     """
     count, groups = bases.shape[1:]
-    work = tmp.reshape(-1)[:(20 + 2 * groups) * count]  # <= 12 * _SPAN_VS: fits in tmp
-    z, t = work[:12 * count].reshape(12, count), work[12 * count:20 * count]
-    lanes, m12 = z[:4], z[4:].reshape(2, 4, count)
-    out = work[20 * count:].reshape(2, groups, count)  # group-major, so numpy runs over long rows
+    work = tmp.reshape(-1)[:(12 + 2 * groups) * count]  # <= 20 * 1024 words: fits in tmp
+    z, t = work[:8 * count].reshape(8, count), work[8 * count:12 * count].reshape(4, count)
+    lanes, m1 = z[:4], z[4:]
+    out = work[12 * count:].reshape(2, groups, count)  # group-major, so numpy runs over long rows
     np.copyto(lanes, sector_bases.view(np.uint32).T[::-1])
-    np.left_shift(lanes, _M12_SHIFTS[0], out=m12)
-    m12 ^= lanes
-    for shifts in _M12_SHIFTS[1:]:
-        m12 ^= np.left_shift(lanes, shifts, out=t.reshape(2, 4, count))
+    np.left_shift(lanes, _U64(1), out=m1)
+    m1 ^= lanes
+    for shift in (2, 7):
+        m1 ^= np.left_shift(lanes, _U64(shift), out=t)
     lo, hi = out
 
     def limb(p: int) -> np.ndarray:  # limb p of every group's base
@@ -492,24 +500,9 @@ def _group_bases(sector_bases: np.ndarray, bases: np.ndarray, tmp: np.ndarray) -
     lo ^= limb(0)
     np.right_shift(limb(1), _U64(32), out=hi)
     hi ^= limb(2)
-    t = t[:groups * count].reshape(groups, count)
-    np.left_shift(limb(3), _U64(32), out=t)
-    hi ^= t
-    if groups > 4:
-        carry, reduced, scratch = t[:4], t[4:], lanes  # the lanes v are no longer needed
-        np.right_shift(z[4:8], _U64(32), out=carry)
-        _clmul87(carry, reduced, scratch)
-        lo[4:] ^= reduced
+    np.left_shift(limb(3), _U64(32), out=t[:groups])
+    hi ^= t[:groups]
     np.copyto(bases, out.transpose(0, 2, 1))
-
-
-def _clmul87(x: np.ndarray, out: np.ndarray, work: np.ndarray) -> None:
-    """``out = M1(x) = x ^ x << 1 ^ x << 2 ^ x << 7``; out must not alias x."""
-    np.left_shift(x, _U64(1), out=work)
-    np.bitwise_xor(x, work, out=out)
-    for shift in (2, 7):
-        np.left_shift(x, _U64(shift), out=work)
-        out ^= work
 
 
 def _expand(lo: np.ndarray, hi: np.ndarray, records: np.ndarray, tmp: np.ndarray) -> None:
