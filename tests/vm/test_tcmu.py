@@ -54,15 +54,17 @@ def sha(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def served(appliance: Appliance, guest_kms: str) -> Iterator[dict]:
-    """KMS up, three eVLUs (ok, shredded key, waiting for the KMS), the handler serving them.
+    """KMS up, four eVLUs (ok, shredded key, waiting for the KMS, and one of 4096-byte
+    sectors served as a 4Kn LUN), the handler serving them.
 
     The handler runs commands on its ring thread (``--workers 0``, as bench/ does): under
     TCG a hand-off to a worker thread made iscsi-test-cu's reads take 1.7 times as long.
     gatewayd's worker pool meets the real kernel in test_e2e and test_gatewayd."""
     start = time.monotonic()
     sh(appliance, f"""
-        for n in 0 1 2; do truncate -s 64M {LUNDIR}/lun$n.img; done
+        for n in 0 1 2 4k; do truncate -s 64M {LUNDIR}/lun$n.img; done
         for n in 0 1 2; do evlu format {LUNDIR}/lun$n.img --kms -q --yes --no-wipe >/dev/null; done
+        evlu format {LUNDIR}/lun4k.img --kms -q --yes --no-wipe --sector-size 4096 >/dev/null
         evlu shred {LUNDIR}/lun1.img --yes >/dev/null
         systemd-run --unit=evlu-tcmu-test -p EnvironmentFile=/etc/default/evlu-gateway \\
             /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus off --workers 0
@@ -71,7 +73,8 @@ def served(appliance: Appliance, guest_kms: str) -> Iterator[dict]:
         done
     """, timeout=400)
     summary = json.loads(appliance.agent.run(
-        ["python3", "-", "create", f"lun0={LUNDIR}/lun0.img", f"lun1={LUNDIR}/lun1.img"],
+        ["python3", "-", "create", f"lun0={LUNDIR}/lun0.img", f"lun1={LUNDIR}/lun1.img",
+         f"lun4k={LUNDIR}/lun4k.img"],
         stdin=GUEST_SCRIPT.read_bytes(), timeout=180).stdout)
     # The handler looks the key up when the device appears: NOT READY until then.
     lun0 = url(appliance, summary["iqn"], summary["luns"]["lun0"]["lun"])
@@ -80,7 +83,7 @@ def served(appliance: Appliance, guest_kms: str) -> Iterator[dict]:
         assert time.monotonic() < deadline, "lun0 never became ready"
         time.sleep(2)
     REPORT.append(f"user:evlu LUNs served in the appliance {time.monotonic() - start:.0f} s "
-                  f"after setup began (KMS, 3 formats, shred, handler, rtslib)")
+                  f"after setup began (KMS, 4 formats, shred, handler, rtslib)")
     yield summary
     appliance.agent.run(["systemctl", "stop", "evlu-tcmu-test"], check=False)
 
@@ -94,26 +97,31 @@ def test_inquiry_and_capacity_are_the_evlus(appliance: Appliance, served: dict) 
     assert lun0["size"] == 64 * MIB - 16 * MIB
 
 
+@pytest.mark.parametrize("name", ["lun0", "lun4k"])
 def test_data_round_trips_and_dm_crypt_reads_the_same(appliance: Appliance, served: dict,
-                                                      tmp_path: Path) -> None:
-    iqn, lun0 = served["iqn"], served["luns"]["lun0"]
+                                                      tmp_path: Path, name: str) -> None:
+    """Mixed sizes and alignments (QEMU reads and rewrites the blocks around unaligned
+    pieces of the 4Kn LUN), then dm-crypt over the backing file, with its own sector size."""
+    iqn, lun = served["iqn"], served["luns"][name]
+    block = lun["block_size"]
+    assert block == (4096 if name == "lun4k" else 512)
     pieces = [(0, 4096), (MIB + 512, 65536 + 1024), (5 * MIB, MIB), (40 * MIB - 512, 8192)]
     written = {}
     for offset, size in pieces:
         data = os.urandom(size)
         (tmp_path / "piece").write_bytes(data)
         host("qemu-io", "-f", "raw", "-c", f"write -s {tmp_path / 'piece'} {offset} {size}",
-             url(appliance, iqn, lun0["lun"]))
+             url(appliance, iqn, lun["lun"]))
         written[offset] = data
     for offset, data in written.items():
         out = tmp_path / f"back{offset}"
         host("qemu-img", "convert", "-O", "raw", "--image-opts",
-             opts(appliance, iqn, lun0["lun"], offset, len(data)), str(out))
+             opts(appliance, iqn, lun["lun"], offset, len(data)), str(out))
         assert sha(out.read_bytes()) == sha(data), f"read back at {offset}"
     # The backing file holds none of it in clear.
     needles = ",".join(f"'{data[:64].hex()}'" for data in written.values())
     found = sh(appliance, f"""python3 -c "
-raw = open('{lun0['path']}', 'rb').read()
+raw = open('{lun['path']}', 'rb').read()
 print(sum(raw.count(bytes.fromhex(h)) for h in [{needles}]))" """)
     assert found.strip() == "0"
     # dm-crypt opens the same file with the KEK and shows exactly what the initiator wrote.
@@ -122,20 +130,24 @@ from gateway.kms import Config
 from gateway.kms.kmip_client import KmipKeyManager
 from gateway import format as fmt
 from gateway.backstore import open_backstore
-dev = open_backstore('{lun0['path']}', readonly=True)
+dev = open_backstore('{lun['path']}', readonly=True)
 token = fmt.read(dev).header.metadata.evlu_tokens()[0]
 c = Config()
 kek = KmipKeyManager(c.profile(), c.identity()).fetch(token.key_id)
 import os
 fd = os.open('/run/evlu-test.kek', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 os.write(fd, bytes(kek)); os.close(fd)"
-        cryptsetup open --type luks2 --readonly --key-file /run/evlu-test.kek {lun0['path']} evlu-test
+        cryptsetup open --type luks2 --readonly --key-file /run/evlu-test.kek {lun['path']} evlu-test
         rm -f /run/evlu-test.kek""")
     try:
+        logical = sh(appliance, "blockdev --getss /dev/mapper/evlu-test").strip()
+        assert logical == str(block)
         for offset, data in written.items():
-            got = appliance.agent.run(["dd", "if=/dev/mapper/evlu-test", "bs=512",
-                                       f"skip={offset // 512}", f"count={len(data) // 512}",
+            first, end = offset // block, -(-(offset + len(data)) // block)
+            got = appliance.agent.run(["dd", "if=/dev/mapper/evlu-test", f"bs={block}",
+                                       f"skip={first}", f"count={end - first}",
                                        "iflag=direct", "status=none"]).stdout
+            got = got[offset - first * block:][:len(data)]
             assert sha(got) == sha(data), f"dm-crypt sees other data at {offset}"
     finally:
         appliance.agent.run(["cryptsetup", "close", "evlu-test"], check=False)

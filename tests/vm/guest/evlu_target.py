@@ -2,7 +2,8 @@
 
 Run in the appliance as ``python3 - create NAME=PATH...`` (sent over the agent):
 every LUN is a ``user:evlu`` TCMU backstore whose cfgstring is the eVLU's path,
-created with ``nl_reply_supported=-1`` and its size = the eVLU's data segment;
+created with ``nl_reply_supported=-1``, its size = the eVLU's data segment and
+its block size = the eVLU's sector size;
 LUN n of one demo-mode target is the n-th argument.  ``python3 - export NAME...``
 adds LUNs for existing storage objects (made with targetcli) instead.  Prints a
 JSON summary.
@@ -23,11 +24,12 @@ from gateway.backstore import open_backstore
 IQN = "iqn.2003-01.org.linux-iscsi.evlu-appliance:evlu"
 
 
-def data_size(path: str) -> int:
+def data_segment(path: str) -> tuple[int, int]:
+    """The eVLU's data size and sector size (the LUN's block size)."""
     dev = open_backstore(path, readonly=True)
     try:
         seg = fmt.read(dev).header.metadata.data_segment
-        return (dev.size - seg.offset) // seg.sector_size * seg.sector_size
+        return (dev.size - seg.offset) // seg.sector_size * seg.sector_size, seg.sector_size
     finally:
         dev.close()
 
@@ -61,13 +63,14 @@ def create(specs: list[str]) -> dict:
     luns = {}
     for spec in specs:
         name, path = spec.split("=", 1)
-        size = data_size(path)
+        size, block_size = data_segment(path)
         # hw_max_sectors as LIO's fileio/iblock (8 MiB of 512-byte sectors): the handler
         # advertises and enforces min(hw_max_sectors, the ring's data area).
-        so = UserBackedStorageObject(name, config=f"evlu/{path}", size=size,
-                                     hw_max_sectors=16384, control="nl_reply_supported=-1")
+        so = UserBackedStorageObject(
+            name, config=f"evlu/{path}", size=size, hw_max_sectors=16384 * 512 // block_size,
+            control=f"nl_reply_supported=-1,hw_block_size={block_size}")
         lun = LUN(tpg, storage_object=so)
-        luns[name] = {"lun": lun.lun, "size": size, "path": path,
+        luns[name] = {"lun": lun.lun, "size": size, "path": path, "block_size": block_size,
                       "serial": so.wwn}
     return {"iqn": IQN, "luns": luns, "seconds": round(time.monotonic() - start, 2)}
 
