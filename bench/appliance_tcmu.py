@@ -5,12 +5,13 @@ the embedded KMS and formats an eVLU through it, starts tcmu-runner and our
 handler side by side (``evlu tcmu serve --dbus beside-runner``, which leaves
 tcmu-runner's netlink reply mode alone; ours are created with
 ``nl_reply_supported=-1``, so that mode does not touch them),
-and exports four LUNs of the same size behind one target (see
+and exports five LUNs of the same size behind one target (see
 bench/guest/tcmu_luns.py): ``user:evlu`` (encrypted, key from the KMS),
 ``user:qcow`` (tcmu-runner 1.5.4's qcow handler serving a raw file), LIO
-``fileio``, and ``user:evlu plain`` (our handler without XTS: under TCG the
+``fileio``, ``user:evlu plain`` (our handler without XTS: under TCG the
 guest's AES instructions are emulated, and XTS of 1 MiB alone takes ~12 ms,
-so this LUN shows what the handler itself costs).
+so this LUN shows what the handler itself costs), and ``user:evlu 4Kn``
+(encrypted with 4096-byte sectors, 4096-byte blocks: one XTS call per 4 KiB).
 
 The initiator is open-iscsi in the same guest over loopback (the host's
 forwarded port goes through QEMU's user-mode network, which caps throughput
@@ -45,7 +46,7 @@ from appliance.vm import GUEST_PORTS, Appliance, choose_accel  # noqa: E402
 GUEST = Path(__file__).resolve().parent / "guest"
 ENV = "set -e; . /etc/default/evlu-gateway; export PATH PYTHONPATH PYTHONDONTWRITEBYTECODE; "
 DIR = "/var/lib/evlu/bench"
-KINDS = ("fileio", "user:qcow", "user:evlu", "user:evlu plain")
+KINDS = ("fileio", "user:qcow", "user:evlu", "user:evlu plain", "user:evlu 4Kn")
 #: (name, pattern, block, depth, unit)
 WORKLOADS = (("1 MiB seq write QD4", "seqwrite", 1 << 20, 4, "mb_s"),
              ("1 MiB seq read QD4", "seqread", 1 << 20, 4, "mb_s"),
@@ -68,14 +69,15 @@ def sh(vm: Appliance, script: str, timeout: float = 600) -> str:
 
 
 def set_up(vm: Appliance, size_mib: int, workers: int) -> dict:
-    """KMS, eVLU, tcmu-runner and our handler, the four LUNs, open-iscsi logged in."""
+    """KMS, eVLUs, tcmu-runner and our handler, the five LUNs, open-iscsi logged in."""
     sh(vm, f"""
         mkdir -p {DIR}
         evlu kms init >/dev/null && evlu kms enroll appliance >/dev/null
         systemctl start evlu-kms
         for i in $(seq 180); do evlu kms status >/dev/null 2>&1 && break; sleep 1; done
-        truncate -s {size_mib + 16}M {DIR}/evlu.img
+        truncate -s {size_mib + 16}M {DIR}/evlu.img {DIR}/evlu4k.img
         evlu format {DIR}/evlu.img --kms -q --yes >/dev/null
+        evlu format {DIR}/evlu4k.img --kms -q --yes --sector-size 4096 >/dev/null
         systemctl unmask tcmu-runner >/dev/null 2>&1; systemctl start tcmu-runner
         systemd-run --unit=evlu-tcmu-bench -p EnvironmentFile=/etc/default/evlu-gateway \\
             /opt/evlu-gateway/venv/bin/evlu tcmu serve --dbus beside-runner --workers {workers}
@@ -85,10 +87,10 @@ def set_up(vm: Appliance, size_mib: int, workers: int) -> dict:
     """, timeout=900)
     summary = json.loads(vm.agent.run(
         ["python3", "-", f"{DIR}/evlu.img", f"{DIR}/qcow.raw", f"{DIR}/fileio.img",
-         f"{DIR}/plain.img"],
+         f"{DIR}/plain.img", f"{DIR}/evlu4k.img"],
         stdin=(GUEST / "tcmu_luns.py").read_bytes(), timeout=300).stdout)
-    # both of ours, before the initiator reads the caching mode page at login
-    cached = "[ $(journalctl -u evlu-tcmu-bench | grep -c 'write cache on') -ge 2 ]"
+    # all three of ours, before the initiator reads the caching mode page at login
+    cached = "[ $(journalctl -u evlu-tcmu-bench | grep -c 'write cache on') -ge 3 ]"
     sh(vm, f"for i in $(seq 60); do {cached} && break; sleep 1; done; {cached}")
     portal = "127.0.0.1:3260"
     sh(vm, f"""
@@ -108,8 +110,9 @@ def set_up(vm: Appliance, size_mib: int, workers: int) -> dict:
     if set(summary["cache"].values()) != {"write back"}:
         raise SystemExit(f"the LUNs do not all cache writes: {summary['cache']}")
     # The handler looks the key up when the device appears: NOT READY until then.
-    sh(vm, f"for i in $(seq 180); do sg_turs {disks['user:evlu']} && break; sleep 1; done; "
-           f"sg_turs {disks['user:evlu']}")
+    for kind in ("user:evlu", "user:evlu 4Kn"):
+        sh(vm, f"for i in $(seq 180); do sg_turs {disks[kind]} && break; sleep 1; done; "
+               f"sg_turs {disks[kind]}")
     summary["disks"] = disks
     return summary
 
@@ -117,15 +120,18 @@ def set_up(vm: Appliance, size_mib: int, workers: int) -> dict:
 _XTS_PROBE = """
 import json, os, timeit
 from gateway.crypto import SectorCipher
-cipher = SectorCipher(os.urandom(64), 512)  # as the LUN: evlu format's default sectors
-cost = lambda size, n: min(timeit.repeat(lambda: cipher.decrypt_into(bytearray(size), 8),
-                                         number=n, repeat=3)) / n * 1e6
-print(json.dumps({"4k": cost(4096, 50), "1m": cost(1 << 20, 3)}))
+def cost(sector_size, size, n):
+    cipher = SectorCipher(os.urandom(64), sector_size)
+    return min(timeit.repeat(lambda: cipher.decrypt_into(bytearray(size), 8), number=n,
+                             repeat=3)) / n * 1e6
+print(json.dumps({f"{sector}/{name}": cost(sector, size, n) for sector in (512, 4096)
+                  for name, size, n in (("4k", 4096, 50), ("1m", 1 << 20, 3))}))
 """
 
 
 def xts_cost(vm: Appliance) -> dict[str, float]:
-    """Microseconds the handler's cipher takes in the guest for 4 KiB and 1 MiB."""
+    """Microseconds the handler's cipher takes in the guest for 4 KiB and 1 MiB, by
+    sector size ("512/4k", ..., "4096/1m")."""
     return json.loads(vm.agent.run(
         ["sh", "-c", ENV + "/opt/evlu-gateway/venv/bin/python -"],
         stdin=_XTS_PROBE.encode(), timeout=300).stdout)
@@ -148,18 +154,22 @@ def fill(vm: Appliance, disk: str, size: int) -> float:
 def table(results: dict[str, dict[str, list[dict]]]) -> list[str]:
     """Median per workload and LUN, and ours vs the others."""
     lines = ["| workload | fileio | user:qcow (tcmu-runner) | user:evlu | user:evlu plain | "
-             "evlu/fileio | evlu/tcmu-runner | evlu plain/tcmu-runner |",
-             "|---|---|---|---|---|---|---|---|"]
+             "user:evlu 4Kn | evlu/fileio | evlu/tcmu-runner | evlu plain/tcmu-runner | "
+             "evlu 4Kn/tcmu-runner |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, _pattern, _block, _depth, unit in WORKLOADS:
         med = {}
         for kind in KINDS:
             med[kind] = statistics.median(r[unit] for r in results[kind][name])
         label = "MB/s" if unit == "mb_s" else "IOPS"
-        lines.append(f"| {name} | {med['fileio']:.0f} {label} | {med['user:qcow']:.0f} | "
+        runner = med["user:qcow"]
+        lines.append(f"| {name} | {med['fileio']:.0f} {label} | {runner:.0f} | "
                      f"{med['user:evlu']:.0f} | {med['user:evlu plain']:.0f} | "
+                     f"{med['user:evlu 4Kn']:.0f} | "
                      f"{med['user:evlu'] / med['fileio']:.2f} | "
-                     f"{med['user:evlu'] / med['user:qcow']:.2f} | "
-                     f"{med['user:evlu plain'] / med['user:qcow']:.2f} |")
+                     f"{med['user:evlu'] / runner:.2f} | "
+                     f"{med['user:evlu plain'] / runner:.2f} | "
+                     f"{med['user:evlu 4Kn'] / runner:.2f} |")
     return lines
 
 
@@ -188,8 +198,10 @@ def main() -> int:
             f"{summary['disks']} ({summary['cpus']} vCPUs); tcmu-runner and evlu tcmu serve "
             "running side by side")
         summary["xts_us"] = xts_cost(vm)
-        say(f"the sector cipher (512-byte sectors) takes {summary['xts_us']['4k']:.0f} us "
-            f"for 4 KiB and {summary['xts_us']['1m'] / 1000:.1f} ms for 1 MiB in this guest")
+        for sector in (512, 4096):
+            us = summary["xts_us"]
+            say(f"the sector cipher ({sector}-byte sectors) takes {us[f'{sector}/4k']:.0f} us "
+                f"for 4 KiB and {us[f'{sector}/1m'] / 1000:.1f} ms for 1 MiB in this guest")
         for kind in KINDS:
             seconds = fill(vm, summary["disks"][kind], summary["size"])
             say(f"  {kind}: written end to end in {seconds:.0f} s")

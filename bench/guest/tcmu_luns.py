@@ -1,8 +1,8 @@
 """Guest side of bench/appliance_tcmu.py: four LUNs of one size behind one iSCSI target.
 
-Run in the appliance as ``python3 - EVLU_PATH RAW_PATH FILEIO_PATH PLAIN_PATH`` (sent
-over the agent), with the eVLU formatted and tcmu-runner and ``evlu tcmu serve``
-running:
+Run in the appliance as ``python3 - EVLU_PATH RAW_PATH FILEIO_PATH PLAIN_PATH EVLU4K_PATH``
+(sent over the agent), with the eVLUs formatted and tcmu-runner and ``evlu tcmu
+serve`` running:
 
 * LUN 0 ``user:evlu``: our handler; the eVLU's data segment sets the size;
 * LUN 1 ``user:qcow``: tcmu-runner's qcow handler over RAW_PATH, a raw file of
@@ -10,9 +10,11 @@ running:
   if its size equals the device's);
 * LUN 2 ``fileio``: LIO's in-kernel file backstore over FILEIO_PATH (buffered);
 * LUN 3 ``user:evlu plain``: our handler over PLAIN_PATH, a file without an eVLU
-  header served unencrypted (``;plain``): the same path as LUN 0 but for XTS.
+  header served unencrypted (``;plain``): the same path as LUN 0 but for XTS;
+* LUN 4 ``user:evlu 4Kn``: our handler over EVLU4K_PATH, an eVLU of 4096-byte
+  sectors (``evlu format --sector-size 4096``) served with 4096-byte blocks.
 
-The user backstores get ``hw_max_sectors=2048`` (1 MiB commands); ours get
+The user backstores take commands of up to 1 MiB (``hw_max_sectors``); ours get
 ``nl_reply_supported=-1``, tcmu-runner's keeps the reply mode tcmu-runner
 asked for.  All four cache writes: fileio is created write-back, tcmu-runner's
 qcow handler always reports WCE=1 (and never syncs a write), and ours get
@@ -33,7 +35,7 @@ from gateway import format as fmt
 from gateway.backstore import open_backstore
 
 IQN = "iqn.2003-01.org.linux-iscsi.evlu-appliance:bench"
-HW_MAX_SECTORS = 2048
+MAX_BYTES = 1 << 20  # per command
 
 
 def data_size(path: str) -> int:
@@ -45,25 +47,30 @@ def data_size(path: str) -> int:
         dev.close()
 
 
-def create(evlu: str, raw: str, fileio: str, plain: str) -> dict:
+def create(evlu: str, raw: str, fileio: str, plain: str, evlu4k: str) -> dict:
     size = data_size(evlu)
+    if data_size(evlu4k) != size:
+        raise SystemExit(f"{evlu4k} holds {data_size(evlu4k)} bytes of data, not {size}")
     for path in (raw, fileio, plain):
         with open(path, "wb") as f:
             f.truncate(size)
     objects = {
         "user:evlu": UserBackedStorageObject("bench_evlu", config=f"evlu/{evlu}", size=size,
-                                             hw_max_sectors=HW_MAX_SECTORS,
+                                             hw_max_sectors=MAX_BYTES // 512,
                                              control="nl_reply_supported=-1"),
         "user:qcow": UserBackedStorageObject("bench_qcow", config=f"qcow/{raw}", size=size,
-                                             hw_max_sectors=HW_MAX_SECTORS),
+                                             hw_max_sectors=MAX_BYTES // 512),
         "fileio": FileIOStorageObject("bench_fileio", fileio, size=size, write_back=True),
         "user:evlu plain": UserBackedStorageObject("bench_plain", config=f"evlu/{plain};plain",
-                                                   size=size, hw_max_sectors=HW_MAX_SECTORS,
+                                                   size=size, hw_max_sectors=MAX_BYTES // 512,
                                                    control="nl_reply_supported=-1"),
+        "user:evlu 4Kn": UserBackedStorageObject(
+            "bench_evlu4k", config=f"evlu/{evlu4k}", size=size, hw_max_sectors=MAX_BYTES // 4096,
+            control="nl_reply_supported=-1,hw_block_size=4096"),
     }
     # after enable (rtslib enables a user backstore as it creates it): the running
     # handler gets the change as a RECONFIG event
-    for kind in ("user:evlu", "user:evlu plain"):
+    for kind in ("user:evlu", "user:evlu plain", "user:evlu 4Kn"):
         objects[kind].set_attribute("emulate_write_cache", "1")
     tpg = TPG(Target(FabricModule("iscsi"), wwn=IQN), 1)
     for attribute, value in (("authentication", "0"), ("generate_node_acls", "1"),
@@ -76,4 +83,4 @@ def create(evlu: str, raw: str, fileio: str, plain: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(create(*sys.argv[1:5])))
+    print(json.dumps(create(*sys.argv[1:6])))
