@@ -345,9 +345,12 @@ def test_accepts_any_bytes_like_input(path: str) -> None:
 
 
 @pytest.mark.parametrize("size", SECTOR_SIZES)
-def test_encrypt_reads_an_unaligned_read_only_slice(size: int, path: str) -> None:
-    """encrypt()/decrypt() read their input where it lies and write only their result."""
-    key, data = os.urandom(64), os.urandom(3 + 5 * size)
+@pytest.mark.parametrize("copied", [True, False])
+def test_encrypt_reads_an_unaligned_read_only_slice(size: int, copied: bool, path: str) -> None:
+    """encrypt()/decrypt() read their input where it lies (or copy it, when small) and
+    write only their result."""
+    nsectors = 5 if copied else xts._COPY_BYTES // size + 1
+    key, data = os.urandom(64), os.urandom(3 + nsectors * size)
     before = bytes(bytearray(data))
     with SectorCipher(key, size) as cipher:
         encrypted = cipher.encrypt(memoryview(data)[3:], 41)
