@@ -1,4 +1,4 @@
-"""Guest side of bench/appliance_tcmu.py: four LUNs of one size behind one iSCSI target.
+"""Guest side of bench/appliance_tcmu.py: five LUNs of one size behind one iSCSI target.
 
 Run in the appliance as ``python3 - EVLU_PATH RAW_PATH FILEIO_PATH PLAIN_PATH EVLU4K_PATH``
 (sent over the agent), with the eVLUs formatted and tcmu-runner and ``evlu tcmu
@@ -48,9 +48,9 @@ def data_size(path: str) -> int:
 
 
 def create(evlu: str, raw: str, fileio: str, plain: str, evlu4k: str) -> dict:
-    size = data_size(evlu)
-    if data_size(evlu4k) != size:
-        raise SystemExit(f"{evlu4k} holds {data_size(evlu4k)} bytes of data, not {size}")
+    size, size4k = data_size(evlu), data_size(evlu4k)
+    if size4k != size:
+        raise SystemExit(f"{evlu4k} holds {size4k} bytes of data, not {size}")
     for path in (raw, fileio, plain):
         with open(path, "wb") as f:
             f.truncate(size)
