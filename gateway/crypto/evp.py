@@ -136,7 +136,7 @@ class XtsContext:
             raise EvpError("the XTS context is closed")
         if not 0 < sector_size <= _MAX_CALL:
             raise EvpError(f"an XTS call takes 1 to {_MAX_CALL} bytes")
-        shift = (buf if src is None else src) - buf
+        shift = 0 if src is None else src - buf
         for start in range(buf, buf + length, sector_size):
             out = _VOID_P(start)
             if _INIT(ctx, None, None, None, iv.to_bytes(16, "little"), -1) != 1 or _UPDATE(

@@ -175,7 +175,6 @@ class SectorCipher:
             self._per_sector(view, iv, encrypt, source.ctypes.data)
         else:
             self._batched(source, np.frombuffer(view, np.uint8), iv, encrypt)
-        del source
         view.release()  # nothing else holds the buffer: getvalue() need not copy
         return result.getvalue()
 
